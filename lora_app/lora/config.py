@@ -1,0 +1,70 @@
+"""The settings of one adapter, validated before anything is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+VARIANTS = ("lora", "rslora", "dora", "lora-fa", "vera", "delta-lora")
+
+
+class LoraConfigError(ValueError):
+    """Invalid adapter settings; the message lists every problem at once."""
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how.
+
+    ``targets``: None (the architecture's defaults), ``"all-linear"`` (every linear layer except the
+    output head), a regex matched against full module paths, or a list of names matched as path
+    suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
+
+    ``variant``:
+      lora        y = W0 x + s B A dropout(x),  s = alpha / r
+      rslora      the same with s = alpha / sqrt(r)  (rank-stabilised)
+      dora        W' = m * (W0 + sBA) / ||W0 + sBA||  per output row, norm detached
+      lora-fa     plain LoRA with A frozen after init (only B trains)
+      vera        y = W0 x + lambda_b * (B (lambda_d * (A x))), A, B frozen and shared, from ``vera_seed``
+      delta-lora  plain LoRA whose optimizer steps also move W0 by ``delta_lambda`` * Delta(sBA)
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | list[str] | None = None
+    variant: str = "lora"
+    delta_lambda: float = 0.5
+    vera_seed: int = 0
+    vera_d_initial: float = 0.1
+    base_model_name_or_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        problems = []
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            problems.append(f"rank r must be a whole number > 0 (got {self.r!r})")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            problems.append(f"alpha must be > 0 (got {self.alpha!r})")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
+        if self.variant not in VARIANTS:
+            problems.append(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.variant == "delta-lora" and not (isinstance(self.delta_lambda, (int, float)) and self.delta_lambda >= 0):
+            problems.append(f"delta_lambda must be >= 0 (got {self.delta_lambda!r})")
+        if isinstance(self.targets, (list, tuple)) and not self.targets:
+            problems.append("targets is an empty list; give module names, a regex or 'all-linear'")
+        if problems:
+            raise LoraConfigError("Invalid LoRA settings: " + "; ".join(problems) + ".")
+
+    @property
+    def scaling(self) -> float:
+        """The factor s in front of BA: alpha / r, or alpha / sqrt(r) for rsLoRA; VeRA has none."""
+        if self.variant == "vera":
+            return 1.0
+        if self.variant == "rslora":
+            return self.alpha / math.sqrt(self.r)
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,58 @@
+"""The few facts the core needs about base layers: shapes, orientation and a float view of the weight.
+
+Supports ``nn.Linear``, transformers' ``Conv1D`` (GPT-2 family: weight stored as (in, out)) and
+bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (recognised by class name, so that neither
+transformers nor bitsandbytes is imported here unless a quantized weight must be dequantized).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return type(module).__name__ in QUANTIZED_CLASSES
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight as a float (out, in) matrix; a view where possible, a new tensor for 4/8-bit."""
+    name = type(module).__name__
+    if name == "Linear4bit":
+        import bitsandbytes.functional as bnbF
+
+        weight = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    elif name == "Linear8bitLt":
+        import bitsandbytes.functional as bnbF
+
+        scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+        weight = bnbF.int8_vectorwise_dequant(module.weight.data, scb)
+    elif is_conv1d(module):
+        weight = module.weight.T
+    else:
+        weight = module.weight
+    return weight if dtype is None else weight.to(dtype)
+
+
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the layer computes in (the compute dtype for quantized layers)."""
+    if is_quantized(module):
+        compute = getattr(module, "compute_dtype", None)
+        return compute or torch.float32
+    return module.weight.dtype

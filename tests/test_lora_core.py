@@ -1,0 +1,330 @@
+"""The LoRA core on tiny random models: exactness, gradients, switching, mixing, saving, variants."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model
+from lora_app.lora import (VARIANTS, AdapterLoadError, DeltaLoraUpdater, LoraConfig, LoraConfigError, LoraLayer,
+                           TargetError, active_adapters, adapter_modules, add_adapter, consolidate, count_parameters,
+                           export_merged, load_adapter, lora_layers, merge_adapters, param_groups, remove_adapter,
+                           resolve_targets, save_adapter, set_active_adapters, unmerge_adapters)
+
+
+def randomize(model, name, scale=0.2, seed=0):
+    """Give an adapter non-trivial weights (B starts at zero, which would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in adapter_modules(model, name).values():
+            for p in adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def base_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+
+
+# ---------------------------------------------------------------------------------------- config
+def test_bad_settings_are_all_reported_before_anything_is_built():
+    with pytest.raises(LoraConfigError) as err:
+        LoraConfig(r=0, alpha=-1, dropout=1.0, variant="qlora-xl")
+    message = str(err.value)
+    for part in ("rank r", "alpha", "dropout", "unknown variant 'qlora-xl'"):
+        assert part in message
+    with pytest.raises(LoraConfigError, match="dropout"):
+        LoraConfig(dropout=-0.1)
+
+
+def test_scaling_per_variant():
+    assert LoraConfig(r=16, alpha=32).scaling == 2.0
+    assert LoraConfig(r=16, alpha=32, variant="rslora").scaling == 8.0
+    assert LoraConfig(r=16, alpha=32, variant="vera").scaling == 1.0
+
+
+def test_rank4_on_512x64_trains_2304_of_32768():
+    model = nn.Sequential(nn.Linear(64, 512, bias=False))
+    add_adapter(model, LoraConfig(r=4, alpha=8, targets=["0"]))
+    trainable, total = count_parameters(model)
+    assert trainable == 2304 and total == 32768 + 2304
+
+
+# --------------------------------------------------------------------------------------- targets
+def test_targets_names_regex_all_linear_and_defaults():
+    model = tiny_model("llama")
+    assert len(resolve_targets(model, ["q_proj", "v_proj"])) == 4
+    assert resolve_targets(model, "q_proj,v_proj") == resolve_targets(model, ["q_proj", "v_proj"])
+    assert resolve_targets(model, r"model\.layers\.0\..*_proj") == [
+        f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    all_linear = resolve_targets(model, "all-linear")
+    assert "lm_head" not in all_linear and len(all_linear) == 14
+    assert resolve_targets(model, None) == all_linear  # llama default: attention + MLP projections
+    gpt2 = tiny_model("gpt2")
+    assert "transformer.h.0.attn.c_attn" in resolve_targets(gpt2, None)
+    assert "lm_head" not in resolve_targets(gpt2, "all-linear")
+
+
+def test_unknown_target_lists_the_linear_modules():
+    with pytest.raises(TargetError) as err:
+        resolve_targets(tiny_model("llama"), ["query"])
+    assert "q_proj" in str(err.value) and "down_proj" in str(err.value)
+    with pytest.raises(TargetError, match="not found"):
+        resolve_targets(tiny_model("llama"), ["q_proj", "qq_proj"])
+    with pytest.raises(TargetError, match="regular expression"):
+        resolve_targets(tiny_model("llama"), "(unclosed")
+
+
+# ------------------------------------------------------------------------------- core behaviour
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_new_adapter_leaves_the_model_unchanged(model_kind, variant, input_ids):
+    model = tiny_model(model_kind)
+    before = logits(model, input_ids)
+    add_adapter(model, LoraConfig(r=4, alpha=8, variant=variant, targets="all-linear"))
+    assert torch.equal(logits(model, input_ids), before)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_only_adapter_parameters(model_kind, variant, input_ids):
+    model = tiny_model(model_kind).train()
+    add_adapter(model, LoraConfig(r=4, alpha=8, variant=variant, dropout=0.1))
+    randomize(model, "default")  # B = 0 would zero A's gradient
+    model(input_ids, labels=input_ids).loss.backward()
+    for name, param in model.named_parameters():
+        in_adapter = ".adapters.default." in name
+        frozen_by_design = variant == "lora-fa" and ".lora_A." in name
+        if in_adapter and not frozen_by_design:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merge_and_unmerge_are_exact(model_kind, variant, input_ids):
+    model = tiny_model(model_kind)
+    original = base_state(model)
+    add_adapter(model, LoraConfig(r=4, alpha=8, variant=variant))
+    randomize(model, "default")
+    unmerged = logits(model, input_ids)
+    assert (unmerged - logits(tiny_model(model_kind), input_ids)).abs().max() > 1e-3  # it does something
+    merge_adapters(model)
+    assert (logits(model, input_ids) - unmerged).abs().max() < 1e-5
+    unmerge_adapters(model)
+    assert (logits(model, input_ids) - unmerged).abs().max() < 1e-5
+    for key, value in base_state(model).items():
+        assert (value - original[key.replace(".base_layer", "")]).abs().max() < 1e-5, key
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_load_round_trip(model_kind, variant, input_ids, tmp_path):
+    model = tiny_model(model_kind)
+    add_adapter(model, LoraConfig(r=4, alpha=8, variant=variant), "mine")
+    randomize(model, "mine")
+    expected = logits(model, input_ids)
+    save_adapter(model, "mine", tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                       "adapter_model.safetensors"]
+    fresh = tiny_model(model_kind)
+    config = load_adapter(fresh, tmp_path / "adapter", "again")
+    assert config.variant == variant and active_adapters(fresh) == {"again": 1.0}
+    assert torch.equal(logits(fresh, input_ids), expected)
+
+
+def test_switching_never_touches_the_base(input_ids):
+    model = tiny_model("llama")
+    base = logits(model, input_ids)
+    add_adapter(model, LoraConfig(r=4, variant="lora"), "a")
+    add_adapter(model, LoraConfig(r=8, variant="dora", targets=["q_proj", "v_proj"]), "b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    weights = base_state(model)
+    set_active_adapters(model, "a")
+    out_a = logits(model, input_ids)
+    set_active_adapters(model, "b")
+    out_b = logits(model, input_ids)
+    set_active_adapters(model, None)
+    assert torch.equal(logits(model, input_ids), base)
+    set_active_adapters(model, "a")
+    assert torch.equal(logits(model, input_ids), out_a)
+    assert not torch.allclose(out_a, out_b)
+    for key, value in base_state(model).items():
+        assert torch.equal(value, weights[key])
+    with pytest.raises(KeyError, match="unknown adapter"):
+        set_active_adapters(model, "c")
+    remove_adapter(model, "b")
+    assert all("b" not in layer.adapters for layer in lora_layers(model).values())
+
+
+def test_weighted_mix_of_different_ranks_and_variants():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32))
+    add_adapter(model, LoraConfig(r=2, targets=["0"]), "a")
+    add_adapter(model, LoraConfig(r=6, targets=["0"], variant="dora"), "b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        base = model[0].base_layer(x)
+        set_active_adapters(model, "a")
+        delta_a = model(x) - base
+        set_active_adapters(model, "b")
+        delta_b = model(x) - base
+        set_active_adapters(model, {"a": 0.7, "b": 0.3})
+        mixed = model(x)
+        assert torch.allclose(mixed, base + 0.7 * delta_a + 0.3 * delta_b, atol=1e-6)
+        merge_adapters(model)
+        assert torch.allclose(model(x), mixed, atol=1e-5)
+        unmerge_adapters(model)
+        assert torch.allclose(model(x), mixed, atol=1e-6)
+
+
+def test_weighted_mix_merge_on_a_real_model(input_ids):
+    model = tiny_model("qwen2")
+    add_adapter(model, LoraConfig(r=4), "a")
+    add_adapter(model, LoraConfig(r=2, variant="vera", targets=["q_proj", "o_proj"]), "b")
+    randomize(model, "a")
+    randomize(model, "b")
+    set_active_adapters(model, {"a": 0.5, "b": 1.5})
+    mixed = logits(model, input_ids)
+    merge_adapters(model)
+    assert (logits(model, input_ids) - mixed).abs().max() < 1e-5
+    set_active_adapters(model, {"a": 0.5, "b": 1.5})  # leaving merged mode is exact
+    assert (logits(model, input_ids) - mixed).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------ variants
+def test_lora_plus_groups_put_b_at_ratio():
+    model = tiny_model("llama")
+    add_adapter(model, LoraConfig(r=4, variant="dora"))
+    groups = param_groups(model, "default", lr=1e-4, lora_plus_ratio=16)
+    slow, fast = groups
+    assert slow["lr"] == 1e-4 and fast["lr"] == pytest.approx(1.6e-3)
+    assert all(p.shape[0] == 4 for p in slow["params"])  # lora_A: (r, in)
+    assert len(fast["params"]) == 2 * len(slow["params"])  # lora_B and the magnitude per layer
+    assert len(param_groups(model, "default", lr=1e-4)) == 1
+
+
+def test_lora_fa_trains_only_b(input_ids):
+    model = tiny_model("llama")
+    add_adapter(model, LoraConfig(r=4, variant="lora-fa"))
+    a_before = {k: v.lora_A.weight.clone() for k, v in adapter_modules(model, "default").items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        model(input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for key, adapter in adapter_modules(model, "default").items():
+        assert torch.equal(adapter.lora_A.weight, a_before[key])
+        assert adapter.lora_B.weight.abs().sum() > 0
+
+
+def test_delta_lora_moves_the_base_and_its_effect_survives_saving(input_ids, tmp_path):
+    model = tiny_model("llama").train()
+    pristine = base_state(model)
+    add_adapter(model, LoraConfig(r=4, alpha=8, variant="delta-lora", delta_lambda=0.5))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    updater = DeltaLoraUpdater(model, "default", opt)
+    for _ in range(3):
+        model(input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    updater.remove()
+    model.eval()
+    trained = logits(model, input_ids)
+    moved = base_state(model)["model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert (moved - pristine["model.layers.0.self_attn.q_proj.weight"]).abs().max() > 1e-4
+    save_adapter(model, "default", tmp_path / "delta")
+    fresh = tiny_model("llama")  # the original base: the saved adapter alone reproduces the trained model
+    load_adapter(fresh, tmp_path / "delta")
+    assert (logits(fresh, input_ids) - trained).abs().max() < 1e-4
+    consolidate(model, "default")  # folding back restores the pristine base, same function
+    assert (logits(model, input_ids) - trained).abs().max() < 1e-4
+    restored = base_state(model)["model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert (restored - pristine["model.layers.0.self_attn.q_proj.weight"]).abs().max() < 1e-5
+
+
+def test_vera_shares_one_frozen_projection(input_ids):
+    model = tiny_model("llama")
+    add_adapter(model, LoraConfig(r=4, variant="vera"))
+    adapters = list(adapter_modules(model, "default").values())
+    assert len({id(a.projection) for a in adapters}) == 1
+    trainable, _ = count_parameters(model)
+    assert trainable == sum(a.vera_lambda_d.numel() + a.vera_lambda_b.numel() for a in adapters)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_adapter_for_another_base_names_the_tensor_and_shapes(tmp_path, input_ids):
+    model = tiny_model("llama")
+    add_adapter(model, LoraConfig(r=4))
+    save_adapter(model, "default", tmp_path / "a")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    before = logits(other, input_ids)
+    with pytest.raises(AdapterLoadError) as err:
+        load_adapter(other, tmp_path / "a")
+    assert "model.layers.0.self_attn.q_proj.lora_A.weight" in str(err.value)
+    assert "(4, 64)" in str(err.value) and "(4, 32)" in str(err.value)
+    assert not lora_layers(other) and torch.equal(logits(other, input_ids), before)  # untouched
+    with pytest.raises(AdapterLoadError, match="another base model"):
+        load_adapter(tiny_model("gpt2"), tmp_path / "a")
+
+
+def test_pickle_and_corrupt_adapters_are_refused(tmp_path):
+    model = tiny_model("llama")
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pickled" / "adapter_model.bin")
+    with pytest.raises(AdapterLoadError, match="pickle"):
+        load_adapter(model, tmp_path / "pickled")
+    add_adapter(model, LoraConfig(r=4), "good")
+    save_adapter(model, "good", tmp_path / "corrupt")
+    weights = tmp_path / "corrupt" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AdapterLoadError, match="not a readable safetensors"):
+        load_adapter(model, tmp_path / "corrupt", "bad")
+    assert active_adapters(model) == {"good": 1.0}
+    with pytest.raises(AdapterLoadError, match="already has an adapter"):
+        save_adapter(model, "good", tmp_path / "again")
+        load_adapter(model, tmp_path / "again", "good")
+
+
+def test_saving_replaces_atomically(tmp_path):
+    model = tiny_model("llama")
+    add_adapter(model, LoraConfig(r=4))
+    target = tmp_path / "out"
+    save_adapter(model, "default", target)
+    randomize(model, "default")
+    save_adapter(model, "default", target)  # a second save replaces the folder whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ------------------------------------------------------------------------------------ export
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_export_merged_loads_with_plain_transformers(kind, tmp_path, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(kind)
+    add_adapter(model, LoraConfig(r=4, variant="dora"))
+    randomize(model, "default")
+    expected = logits(model, input_ids)
+    export_merged(model, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    assert (logits(plain, input_ids) - expected).abs().max() < 1e-5
+    assert not lora_layers(plain) and lora_layers(model)  # the source model keeps its adapters
+
+
+def test_lora_core_imports_no_transformers_peft_or_gradio():
+    code = ("import sys, lora_app.lora; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft', 'gradio')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,67 @@
+"""Adapters over real bitsandbytes 4-bit (NF4) and 8-bit bases, on CPU."""
+
+import pytest
+import torch
+
+from conftest import save_tiny, tiny_model
+from lora_app.lora import (LoraConfig, adapter_modules, add_adapter, export_merged, load_adapter, lora_layers,
+                           merge_adapters, save_adapter)
+from lora_app.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "vera"])
+def test_forward_and_backward_on_a_quantized_base(tiny_folder, quantization, variant, input_ids):
+    model, _ = load_model(tiny_folder, quantization, device="cpu")
+    add_adapter(model, LoraConfig(r=4, variant=variant))
+    kinds = {type(layer.base_layer).__name__ for layer in lora_layers(model).values()}
+    assert kinds == {"Linear4bit" if quantization == "4bit" else "Linear8bitLt"}
+    with torch.no_grad():  # non-zero B so every adapter parameter gets a gradient
+        for adapter in adapter_modules(model, "default").values():
+            for name, p in adapter.named_parameters():
+                if "lora_B" in name or "lambda_b" in name:
+                    p.normal_(0, 0.1)
+    model.train()
+    loss = model(input_ids, labels=input_ids).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".adapters." not in n)
+
+
+def test_in_place_merge_is_refused_but_export_dequantizes(tiny_folder, input_ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(tiny_folder, "4bit", device="cpu")
+    add_adapter(model, LoraConfig(r=4))
+    with torch.no_grad():
+        for adapter in adapter_modules(model, "default").values():
+            adapter.lora_B.weight.normal_(0, 0.1)
+    model.eval()
+    with pytest.raises(ValueError, match="cannot merge into a Linear4bit"):
+        merge_adapters(model)
+    assert all(layer.merged is None for layer in lora_layers(model).values())
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    export_merged(model, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    with torch.no_grad():
+        got = plain(input_ids).logits
+    # The exported weights are the exact dequantized base plus the adapter; only the matmul order differs.
+    assert (got - expected).abs().max() < 1e-3
+
+
+def test_adapter_trained_on_4bit_loads_on_full_precision(tiny_folder, input_ids, tmp_path):
+    model, _ = load_model(tiny_folder, "4bit", device="cpu")
+    add_adapter(model, LoraConfig(r=4))
+    save_adapter(model, "default", tmp_path / "a")
+    full = tiny_model("llama")
+    load_adapter(full, tmp_path / "a")
+    assert lora_layers(full)
