@@ -1,0 +1,62 @@
+"""Token ids and labels: what the model is trained on.
+
+Each rendered segment is tokenized on its own and the ids are concatenated, so the boundary between
+prompt and answer falls exactly between two tokens by construction (no offset mapping, no searching
+for the answer in the token stream). It is also how the model sees text at inference: the prompt is
+tokenized alone, and the answer is whatever tokens the model produces after it.
+
+Labels are the input ids on trained segments and ``IGNORE_INDEX`` (-100, ignored by PyTorch's
+cross-entropy) elsewhere; with ``train_on_prompt`` every token is trained. Labels are not shifted:
+the model shifts them (label ``i`` is predicted from the tokens before ``i``).
+"""
+
+from collections.abc import Sequence
+
+from .errors import RowSkip
+from .formats import Sample
+from .report import DataReport
+from .templates import ChatTemplate, render_segments
+
+IGNORE_INDEX = -100
+_BATCH = 256  # samples tokenized per call: one call for many texts is several times faster
+
+
+def encode_samples(
+    samples: Sequence[Sample],
+    tokenizer,
+    template: ChatTemplate,
+    report: DataReport,
+    *,
+    max_length: int,
+    train_on_prompt: bool = False,
+) -> tuple[list[dict[str, list[int]]], list[int]]:
+    """Examples ``{"input_ids", "labels"}`` for the samples, and their lengths before truncation.
+
+    A sequence longer than ``max_length`` keeps its first ``max_length`` tokens and is counted in
+    ``report.truncated``; one left with nothing to train on is skipped and counted instead.
+    """
+    examples, lengths = [], []
+    for start in range(0, len(samples), _BATCH):
+        rendered = []
+        for sample in samples[start : start + _BATCH]:
+            try:
+                rendered.append((sample, render_segments(sample, tokenizer, template)))
+            except RowSkip as skip:
+                report.skip(skip.reason, sample.where)
+        texts = [text for _, segments in rendered for text, _ in segments]
+        pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        for sample, segments in rendered:
+            input_ids, labels = [], []
+            for _, trained in segments:
+                piece = next(pieces)
+                input_ids += piece
+                labels += piece if trained or train_on_prompt else [IGNORE_INDEX] * len(piece)
+            length = len(input_ids)
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            if all(label == IGNORE_INDEX for label in labels[1:]):  # label 0 is never predicted
+                report.skip(f"the prompt fills max_length ({max_length} tokens): nothing left to train on", sample.where)
+                continue
+            report.truncated += length > max_length
+            examples.append({"input_ids": input_ids, "labels": labels})
+            lengths.append(length)
+    return examples, lengths

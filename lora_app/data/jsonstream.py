@@ -1,0 +1,149 @@
+"""Streaming the rows out of a JSON document without loading the document whole.
+
+``json.load`` needs the whole file in memory, several times over once parsed. A dataset file is
+nearly always ``[row, row, ...]`` or ``{"data": [row, row, ...], "version": ...}``, so this module
+walks that outer structure itself and hands each row to :func:`json.JSONDecoder.raw_decode`, keeping
+only a window of the file in memory. Errors carry the line and column in the file, like ``json``'s.
+"""
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from .errors import DataError
+
+CHUNK_CHARS = 1 << 20
+# A single row larger than this is treated as malformed rather than read on and on.
+MAX_ROW_CHARS = 64 << 20
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class JsonStream:
+    """A cursor over JSON text read from ``fh`` in chunks; ``name`` is used in error messages."""
+
+    def __init__(self, fh: TextIO, name: str):
+        self.fh, self.name = fh, name
+        self.buf, self.pos, self.eof = "", 0, False
+        self.line0, self.col0 = 1, 1  # where buf[0] is in the file
+
+    def _fill(self) -> None:
+        """Drop the consumed text (keeping track of its lines) and read the next chunk."""
+        consumed = self.buf[: self.pos]
+        newlines = consumed.count("\n")
+        if newlines:
+            self.line0 += newlines
+            self.col0 = len(consumed) - consumed.rfind("\n")
+        else:
+            self.col0 += len(consumed)
+        data = self.fh.read(CHUNK_CHARS)
+        self.eof = not data
+        self.buf, self.pos = self.buf[self.pos :] + data, 0
+
+    def error(self, message: str, index: int) -> DataError:
+        before = self.buf[:index]
+        newlines = before.count("\n")
+        line = self.line0 + newlines
+        col = index - before.rfind("\n") if newlines else self.col0 + index
+        return DataError(f"{self.name} is not valid JSON: {message} at line {line}, column {col}.")
+
+    def peek(self) -> str:
+        """The next non-whitespace character without consuming it; ``""`` at the end of the file."""
+        while True:
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if self.eof:
+                return ""
+            self._fill()
+
+    def expect(self, allowed: str, what: str) -> str:
+        """Consume one of the ``allowed`` characters, or fail saying ``what`` was expected."""
+        char = self.peek()
+        if not char or char not in allowed:
+            raise self.error(f"expected {what}", self.pos)
+        self.pos += 1
+        return char
+
+    def value(self) -> Any:
+        """Decode the next complete JSON value, reading more of the file until it is complete."""
+        self.peek()
+        while True:
+            try:
+                obj, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as err:
+                if self.eof or len(self.buf) - self.pos > MAX_ROW_CHARS:
+                    raise self.error(err.msg, err.pos) from None
+            else:
+                # A value ending exactly at the end of the window may be cut ("12" of "123").
+                if end < len(self.buf) or self.eof:
+                    self.pos = end
+                    return obj
+            self._fill()
+
+    def array(self) -> Iterator[Any]:
+        """Yield the items of the array that starts at the cursor."""
+        self.expect("[", "'['")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            yield self.value()
+            if self.expect(",]", "',' or ']'") == "]":
+                return
+
+    def end(self) -> None:
+        """Fail if anything but whitespace follows the top-level value."""
+        if self.peek():
+            raise self.error("extra data after the end of the document", self.pos)
+
+
+def iter_json_rows(fh: TextIO, name: str) -> Iterator[Any]:
+    """Yield the rows of a JSON document: a top-level array, or an object holding exactly one list.
+
+    In the object form, keys whose values are not lists (``"version": 2``) are ignored; a second
+    list is an error, since it is impossible to tell which one holds the rows.
+    """
+    stream = JsonStream(fh, name)
+    first = stream.peek()
+    if first == "[":
+        yield from stream.array()
+    elif first == "{":
+        yield from _rows_in_object(stream)
+    elif not first:
+        raise DataError(f"{name} is empty (only whitespace).")
+    else:
+        raise stream.error("expected an array '[' or an object '{' at the start", stream.pos)
+    stream.end()
+
+
+def _rows_in_object(stream: JsonStream) -> Iterator[Any]:
+    stream.expect("{", "'{'")
+    list_key = None
+    if stream.peek() == "}":
+        stream.pos += 1
+    else:
+        while True:
+            if stream.peek() != '"':
+                raise stream.error("expected a key in double quotes", stream.pos)
+            key = stream.value()
+            stream.expect(":", "':' after a key")
+            if stream.peek() != "[":
+                stream.value()
+            elif list_key is None:
+                list_key = key
+                yield from stream.array()
+            else:
+                raise DataError(
+                    f"{stream.name} holds more than one list ({list_key!r} and {key!r}), so it is unclear "
+                    "which one holds the rows. Keep one list per file; a validation set can be a second file."
+                )
+            if stream.expect(",}", "',' or '}'") == "}":
+                break
+    if list_key is None:
+        raise DataError(
+            f"{stream.name} is a JSON object without a list of rows. Expected an array of rows, "
+            'an object such as {"data": [...]}, or JSON Lines (one object per line, in a .jsonl file).'
+        )

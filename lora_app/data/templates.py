@@ -1,0 +1,148 @@
+"""Prompt templates: turning a sample into text segments, each marked trained or not.
+
+A conversation is rendered with a Jinja chat template -- the tokenizer's own when it has one, or a
+named template from ``NAMED_TEMPLATES`` (``alpaca``, ``chatml``) -- through
+``tokenizer.apply_chat_template``, so training and chat render prompts the same way (use
+:func:`render_prompt` at inference).
+
+**How the trained spans are found.** The conversation is rendered incrementally: for each assistant
+turn, once up to the turn with the generation prompt, once including the turn. The first rendering
+is a prefix of the second, and the text between them is exactly what the model must produce for
+that turn. This needs no knowledge of the template's markup, and fails loudly (the row is skipped)
+for the rare template that renders earlier turns differently once later ones exist.
+
+**EOS by construction.** The model stops when it produces ``tokenizer.eos_token``, so every trained
+assistant span ends with it: the span runs up to and including the last EOS in the turn's text
+(the newline a template writes after it is not trained), and when the template writes no EOS there
+(a ChatML template on a tokenizer whose EOS is ``</s>``, say) the EOS is inserted after the turn.
+"""
+
+from dataclasses import dataclass
+
+import jinja2
+
+from .errors import DataError, RowSkip
+from .formats import Sample
+
+Segment = tuple[str, bool]  # (text, trained)
+
+ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+NAMED_TEMPLATES = {
+    # Stanford Alpaca's prompt, extended to several turns; tool results are shown as input.
+    "alpaca": (
+        "{% if not messages or messages[0]['role'] != 'system' %}{{ '" + ALPACA_SYSTEM + "\\n\\n' }}{% endif %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'tool' %}{{ '### Input:\\n' + message['content'] + '\\n\\n' }}"
+        "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+    # OpenAI's ChatML, as used by Qwen, SmolLM and many others.
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+TOKENIZER_TEMPLATE = "tokenizer"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A resolved template: ``name`` ("tokenizer" or a key of NAMED_TEMPLATES) and its Jinja source.
+
+    ``bos`` is the text to put before a conversation: the tokenizer's BOS token for a named
+    template on a tokenizer that adds one to plain text (a chat template writes its own BOS).
+    """
+
+    name: str
+    source: str
+    bos: str = ""
+
+
+def text_template(tokenizer) -> ChatTemplate:
+    """The "template" of raw text samples: no markup, only the BOS the tokenizer would add."""
+    return ChatTemplate("none (raw text)", "", bos_text(tokenizer))
+
+
+def resolve_template(tokenizer, name: str | None = None) -> tuple[ChatTemplate, str | None]:
+    """The template to render with, and a note for the user when a choice was made for them.
+
+    ``name`` None or "auto": the tokenizer's chat template, or ``alpaca`` if it has none;
+    "tokenizer": the tokenizer's chat template (an error if it has none); or a named template.
+    """
+    if tokenizer.eos_token is None:
+        raise DataError("The tokenizer has no EOS token, so a trained model could never stop; pick another model.")
+    own = tokenizer.chat_template
+    note = None
+    if name in (None, "", "auto"):
+        if own:
+            name = TOKENIZER_TEMPLATE
+        else:
+            name = "alpaca"
+            note = "The tokenizer has no chat template, so the alpaca template is used (another can be picked)."
+    if name == TOKENIZER_TEMPLATE:
+        if not own:
+            raise DataError(f"The tokenizer has no chat template; pick one of: {', '.join(NAMED_TEMPLATES)}.")
+        return ChatTemplate(TOKENIZER_TEMPLATE, own), note
+    if name not in NAMED_TEMPLATES:
+        raise DataError(f"Unknown template {name!r}; choose one of: auto, {TOKENIZER_TEMPLATE}, {', '.join(NAMED_TEMPLATES)}.")
+    return ChatTemplate(name, NAMED_TEMPLATES[name], bos_text(tokenizer)), note
+
+
+def bos_text(tokenizer) -> str:
+    """The BOS token if this tokenizer puts one before plain text, else ``""``."""
+    bos_id = tokenizer.bos_token_id
+    adds_bos = bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id]
+    return tokenizer.bos_token if adds_bos else ""
+
+
+def render_prompt(messages: list[dict[str, str]], tokenizer, template: str | None = None) -> str:
+    """The prompt text for generating the next assistant turn, rendered as in training."""
+    chat_template, _ = resolve_template(tokenizer, template)
+    return chat_template.bos + _render(tokenizer, chat_template, messages, generation_prompt=True)
+
+
+def render_segments(sample: Sample, tokenizer, template: ChatTemplate) -> list[Segment]:
+    """The sample as ``(text, trained)`` segments whose concatenation is the training text.
+
+    A raw text sample (rendered with :func:`text_template`) is one trained segment: text + EOS.
+
+    Raises :class:`RowSkip` when the template rejects the conversation or cannot be split by turn.
+    """
+    eos = tokenizer.eos_token
+    segments: list[Segment] = [(template.bos, False)]
+    if sample.text is not None:
+        return [segment for segment in [*segments, (sample.text + eos, True)] if segment[0]]
+    messages = list(sample.messages)
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, template, messages[:i], generation_prompt=True)
+        full = _render(tokenizer, template, messages[: i + 1], generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise RowSkip("the chat template does not render this conversation turn by turn (pick a named template)")
+        answer = full[len(prompt) :]
+        end = answer.rfind(eos)
+        if end < 0:  # the template writes no EOS after the answer: insert it
+            body = answer.rstrip()
+            answer, after = body + eos, answer[len(body) :]
+        else:
+            answer, after = answer[: end + len(eos)], answer[end + len(eos) :]
+        segments += [(prompt[len(done) :], False), (answer, True), (after, False)]
+        done = full
+    return [segment for segment in segments if segment[0]]
+
+
+def _render(tokenizer, template: ChatTemplate, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template.source, add_generation_prompt=generation_prompt, tokenize=False
+        )
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
+        raise RowSkip(f"the chat template rejected the conversation: {err}") from None
