@@ -170,8 +170,12 @@ def set_trainable(model: nn.Module, name: str | None) -> None:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the numbers they encode."""
     trainable = total = 0
+    seen = set()  # tied weights (embedding = output head) count once
     for module in model.modules():
         for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             n = param.numel()
             if type(module).__name__ == "Linear4bit" and param is getattr(module, "weight", None):
                 n = module.in_features * module.out_features  # packed two per byte

@@ -1,0 +1,89 @@
+"""Memory: an estimate before the run, and what the process holds while it runs.
+
+The estimate adds up, for the chosen settings:
+
+    weights      parameters x bytes per parameter (4 fp32, 2 bf16/fp16, ~1.03 int8, ~0.56 NF4)
+    adapter      trainable parameters x 4 bytes, their gradients (x 4) and AdamW's two moments (x 8)
+    activations  what autograd keeps per token and layer (about 10 hidden-size and 4 intermediate-size
+                 vectors; one hidden-size vector with gradient checkpointing, plus one layer in full)
+                 x batch x sequence length, plus one chunk of fp32 logits for the loss
+    runtime      the framework itself (a measured constant)
+
+It is a planning figure, stored next to the measured peak so both can be compared in the UI.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+BYTES_PER_WEIGHT = {"none": None, "8bit": 1.03, "4bit": 0.56}
+RUNTIME_BYTES = {"cpu": 450 * 2**20, "cuda": 600 * 2**20}
+LOSS_CHUNK = 1024
+
+
+def _count_parameters(model_config) -> int:
+    """Exact parameter count of the architecture, from a model built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _lora_parameters(model_config, lora) -> int:
+    """Trainable adapter parameters, by attaching the adapter to a meta-device model."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_app.lora import add_adapter, count_parameters
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+        add_adapter(model, lora, "estimate")
+    return count_parameters(model)[0]
+
+
+def estimate_memory(config, model_config, lora, device: str | None = None) -> dict:
+    """Bytes by component for a run of ``config`` (a TrainConfig) on ``model_config``."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
+    inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0)
+    vocab = getattr(text, "vocab_size", 0)
+
+    params = _count_parameters(model_config)
+    try:
+        trainable = _lora_parameters(model_config, lora)
+    except Exception:  # an unusual architecture: fall back to the rank formula on square layers
+        trainable = 2 * lora.r * hidden * 7 * layers
+    half = config.precision in ("bf16", "fp16") or (config.precision == "auto" and device == "cuda")
+    per_weight = BYTES_PER_WEIGHT[config.quantization] or (2 if half and device == "cuda" else 4)
+    act_bytes = 2 if half else 4
+    tokens = config.batch_size * config.seq_len
+    if config.gradient_checkpointing:
+        per_token = hidden * layers + 10 * hidden + 4 * inter
+    else:
+        per_token = (10 * hidden + 4 * inter) * layers
+    activations = tokens * per_token * act_bytes + min(tokens, LOSS_CHUNK) * vocab * 4 * 2
+    parts = dict(weights_bytes=int(params * per_weight), adapter_bytes=trainable * 4,
+                 gradients_bytes=trainable * 4, optimizer_bytes=trainable * 8,
+                 activations_bytes=int(activations), runtime_bytes=RUNTIME_BYTES[device])
+    parts["total_bytes"] = sum(parts.values())
+    parts["trainable_params"] = trainable
+    parts["total_params"] = params
+    return parts
+
+
+def memory_now(device: torch.device | str = "cpu") -> dict:
+    """Process RSS (now and peak) always; CUDA allocated / reserved / peak on a GPU."""
+    import psutil
+
+    values = dict(rss_bytes=psutil.Process().memory_info().rss,
+                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if torch.device(device).type == "cuda":
+        values.update(cuda_allocated_bytes=torch.cuda.memory_allocated(device),
+                      cuda_reserved_bytes=torch.cuda.memory_reserved(device),
+                      cuda_peak_bytes=torch.cuda.max_memory_allocated(device))
+    return values

@@ -1,0 +1,225 @@
+"""The run store: one folder per run plus an embedded SQLite database the UI reads.
+
+    <root>/runs.db            runs (status, heartbeat, config, summary) and their metrics
+    <root>/<run id>/          the run folder of a run started from the UI (a CLI run may use any
+                              --output folder; it is registered here all the same)
+
+SQLite in WAL mode lets the worker write while any number of UI sessions read. Status moves
+queued -> running -> completed / failed / cancelled; ``claim`` is the one place a queued run becomes
+running, inside ``BEGIN IMMEDIATE`` so two workers can never both take the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_app.paths import app_home
+
+ACTIVE = ("queued", "running")
+FINISHED = ("completed", "failed", "cancelled")
+HEARTBEAT_TIMEOUT = 90.0  # seconds without a heartbeat before a running job counts as dead
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    output TEXT NOT NULL,
+    device TEXT NOT NULL DEFAULT 'cpu',
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    heartbeat REAL,
+    pid INTEGER,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    cancel_requested REAL NOT NULL DEFAULT 0,  -- when a cancel was asked for (0: never)
+    config TEXT NOT NULL,
+    estimate TEXT,
+    summary TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    values_json TEXT NOT NULL,
+    PRIMARY KEY (run_id, step, values_json)
+);
+"""
+
+
+@dataclass
+class Run:
+    id: str
+    name: str
+    output: str
+    device: str
+    status: str
+    created: float
+    started: float | None
+    finished: float | None
+    heartbeat: float | None
+    pid: int | None
+    step: int
+    total_steps: int | None
+    cancel_requested: float
+    config: dict = field(default_factory=dict)
+    estimate: dict | None = None
+    summary: dict | None = None
+    error: str | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.output) / "train.log"
+
+    @property
+    def adapter_path(self) -> Path:
+        return Path(self.output) / "adapter"
+
+
+def default_root() -> Path:
+    """Runs live under ``/data`` on a Hugging Face Space with persistent storage, else the app home."""
+    if os.environ.get("LORA_APP_RUNS"):
+        return Path(os.environ["LORA_APP_RUNS"])
+    return app_home() / "runs"
+
+
+class RunStore:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_root()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "runs.db"
+        db = sqlite3.connect(self.db_path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+            db.executescript(_SCHEMA)
+        finally:
+            db.close()
+
+    @contextmanager
+    def _connect(self, immediate: bool = False):
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    # -- runs -------------------------------------------------------------------------------
+    def create_run(self, config: dict, output: str | os.PathLike | None = None, name: str | None = None,
+                   device: str = "cpu", run_id: str | None = None) -> Run:
+        """Register a queued run. Without ``output`` the run folder is ``<root>/<run id>``."""
+        run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        output = str(Path(output).resolve()) if output else str(self.root / run_id)
+        name = name or Path(output).name
+        with self._connect(immediate=True) as db:
+            db.execute("INSERT INTO runs (id, name, output, device, status, created, config) VALUES (?,?,?,?,?,?,?)",
+                       (run_id, name, output, device, "queued", time.time(), json.dumps(config)))
+        return self.get(run_id)
+
+    def get(self, run_id: str) -> Run:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"No run {run_id!r} in {self.db_path}.")
+        return _run(row)
+
+    def find_by_output(self, output: str | os.PathLike) -> Run | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM runs WHERE output = ? ORDER BY created DESC LIMIT 1",
+                             (str(Path(output).resolve()),)).fetchone()
+        return _run(row) if row else None
+
+    def list(self) -> list[Run]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
+        return [_run(row) for row in rows]
+
+    def update(self, run_id: str, **values) -> None:
+        for key in ("config", "estimate", "summary"):
+            if key in values and values[key] is not None:
+                values[key] = json.dumps(values[key])
+        columns = ", ".join(f"{key} = ?" for key in values)
+        with self._connect(immediate=True) as db:
+            db.execute(f"UPDATE runs SET {columns} WHERE id = ?", (*values.values(), run_id))
+
+    def claim(self, run_id: str, pid: int) -> bool:
+        """Make ``run_id`` the running job of its device if the device is free and it is first in line."""
+        with self._connect(immediate=True) as db:
+            run = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if run is None or run["status"] != "queued":
+                return False
+            busy = db.execute("SELECT 1 FROM runs WHERE device = ? AND status = 'running'", (run["device"],)).fetchone()
+            earlier = db.execute("SELECT 1 FROM runs WHERE device = ? AND status = 'queued' AND created < ?",
+                                 (run["device"], run["created"])).fetchone()
+            if busy or earlier:
+                return False
+            now = time.time()
+            db.execute("UPDATE runs SET status = 'running', pid = ?, started = COALESCE(started, ?), heartbeat = ?,"
+                       " finished = NULL, error = NULL WHERE id = ?", (pid, now, now, run_id))
+            return True
+
+    def requeue(self, run_id: str) -> None:
+        """Put a finished run back in the queue (to resume it)."""
+        self.update(run_id, status="queued", created=time.time(), cancel_requested=0, error=None, finished=None)
+
+    def finish(self, run_id: str, status: str, error: str | None = None, summary: dict | None = None) -> None:
+        assert status in FINISHED
+        values = dict(status=status, finished=time.time(), error=error)
+        if summary is not None:
+            values["summary"] = summary
+        self.update(run_id, **values)
+
+    def heartbeat(self, run_id: str, step: int | None = None, total_steps: int | None = None) -> bool:
+        """Record that the job is alive; returns True when a cancel has been requested."""
+        values = {"heartbeat": time.time()}
+        if step is not None:
+            values["step"] = step
+        if total_steps is not None:
+            values["total_steps"] = total_steps
+        self.update(run_id, **values)
+        return bool(self.get(run_id).cancel_requested)
+
+    def delete(self, run_id: str) -> None:
+        with self._connect(immediate=True) as db:
+            db.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+            db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    # -- metrics ----------------------------------------------------------------------------
+    def log_metrics(self, run_id: str, step: int, values: dict) -> None:
+        with self._connect(immediate=True) as db:
+            db.execute("INSERT OR IGNORE INTO metrics (run_id, step, values_json) VALUES (?,?,?)",
+                       (run_id, step, json.dumps(values)))
+
+    def metrics(self, run_id: str) -> list[dict]:
+        """Every logged record of the run, in step order, each with its ``step``."""
+        with self._connect() as db:
+            rows = db.execute("SELECT step, values_json FROM metrics WHERE run_id = ? ORDER BY step, rowid",
+                              (run_id,)).fetchall()
+        return [{"step": row["step"], **json.loads(row["values_json"])} for row in rows]
+
+    def truncate_metrics(self, run_id: str, after_step: int) -> None:
+        """Drop records logged after ``after_step`` (a resumed run logs them again)."""
+        with self._connect(immediate=True) as db:
+            db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, after_step))
+
+
+def _run(row: sqlite3.Row) -> Run:
+    values = dict(row)
+    for key in ("config", "estimate", "summary"):
+        values[key] = json.loads(values[key]) if values[key] else ({} if key == "config" else None)
+    return Run(**values)

@@ -1,0 +1,155 @@
+"""Training jobs as detached processes that outlive the UI.
+
+The UI (or anyone) calls :func:`submit`; it registers a queued run and starts
+``python -m lora_app train --run-id ...`` in a session of its own, output to the run's
+``train.log``. That process waits its turn (one running job per device, first come first served,
+see ``RunStore.claim``), trains, and records everything in the run store. Nothing about a job lives
+in the UI process, so closing the tab or restarting the UI loses nothing: the page reads the store.
+
+:func:`refresh` is the watchdog the UI calls while it polls: a job whose process is gone or whose
+heartbeat stopped is marked failed with the tail of its log, and a cancel that was not honoured in
+time is enforced (SIGTERM, which the job also treats as a graceful cancel, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lora_app.training.config import TrainConfig
+from lora_app.training.store import HEARTBEAT_TIMEOUT, Run, RunStore
+from lora_app.training.trainer import TrainingError, check_output
+
+CANCEL_GRACE = 60.0  # seconds a running job gets to checkpoint and stop before SIGTERM
+KILL_GRACE = 15.0    # and after SIGTERM, before SIGKILL
+
+
+def device_name() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def submit(config: TrainConfig, store: RunStore | None = None, name: str | None = None) -> Run:
+    """Check ``config``, register the run as queued and start its worker. Invalid settings raise
+    ``TrainConfigError`` (all problems listed) before anything is registered or loaded."""
+    store = store or RunStore()
+    run = store.create_run({}, output=config.output, name=name, device=device_name())
+    config.output = run.output
+    try:
+        config.validate()
+        check_output(config)
+    except Exception:
+        store.delete(run.id)
+        raise
+    store.update(run.id, config=config.to_dict())
+    _start(store, run.id, config)
+    return store.get(run.id)
+
+
+def resume(run_id: str, store: RunStore | None = None) -> Run:
+    """Queue a stopped run again; it continues from its last checkpoint."""
+    store = store or RunStore()
+    run = store.get(run_id)
+    if run.status in ("queued", "running"):
+        raise TrainingError(f"Run {run.name} is {run.status}; only a stopped run can be resumed.")
+    config = TrainConfig.from_dict({**run.config, "resume": True})
+    check_output(config)  # says so when there is no checkpoint to resume from
+    store.update(run_id, config=config.to_dict())
+    store.requeue(run_id)
+    _start(store, run_id, config)
+    return store.get(run_id)
+
+
+def _start(store: RunStore, run_id: str, config: TrainConfig) -> None:
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    command = [sys.executable, "-m", "lora_app", "train", "--config", str(output / "config.json"),
+               "--run-id", run_id, "--store", str(store.root)]
+    with open(output / "train.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, cwd=Path(__file__).resolve().parents[2],
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    store.update(run_id, pid=process.pid)
+
+
+def cancel(run_id: str, store: RunStore | None = None) -> Run:
+    """A queued job is dropped at once; a running one checkpoints and stops at its next step."""
+    store = store or RunStore()
+    run = store.get(run_id)
+    if run.status == "queued":
+        store.finish(run_id, "cancelled", error="Cancelled before it started.")
+        _signal(run.pid, signal.SIGTERM)
+    elif run.status == "running" and not run.cancel_requested:
+        store.update(run_id, cancel_requested=time.time())
+    return store.get(run_id)
+
+
+def refresh(store: RunStore | None = None) -> list[Run]:
+    """Enforce the rules on jobs that stopped answering; returns all runs, newest first."""
+    store = store or RunStore()
+    now = time.time()
+    for run in store.list():
+        if run.status != "running":
+            continue
+        alive = _alive(run.pid)
+        if not alive:
+            store.finish(run.id, "cancelled" if run.cancel_requested else "failed",
+                         error=None if run.cancel_requested else "The training process ended unexpectedly.\n" + log_tail(run))
+        elif run.heartbeat and now - run.heartbeat > HEARTBEAT_TIMEOUT:
+            _kill(run.pid)
+            store.finish(run.id, "failed", error=f"No heartbeat for {now - run.heartbeat:.0f} s; the job was stopped.\n"
+                         + log_tail(run))
+        elif run.cancel_requested and now - run.cancel_requested > CANCEL_GRACE + KILL_GRACE:
+            _kill(run.pid)
+            store.finish(run.id, "cancelled", error="Stopped by force: it did not stop in time.")
+        elif run.cancel_requested and now - run.cancel_requested > CANCEL_GRACE:
+            _signal(run.pid, signal.SIGTERM)
+    return store.list()
+
+
+def log_tail(run: Run, lines: int = 30) -> str:
+    try:
+        text = run.log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap our own child, or it lingers as a zombie
+        if finished:
+            return False
+    except ChildProcessError:
+        pass  # not our child (started by an earlier UI process or from a shell)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie that is not ours to reap is dead all the same
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _signal(pid: int | None, sig: int) -> None:
+    if pid:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _kill(pid: int | None) -> None:
+    _signal(pid, signal.SIGKILL)
