@@ -1,41 +1,25 @@
-"""LoRA Studio web app: `python app.py` (set PORT / GRADIO_SERVER_NAME to change where it listens).
+"""LoRA Studio: `python app.py` serves the studio (PORT / GRADIO_SERVER_NAME change where it listens).
 
-Until the full studio lands this page loads the embedded default model (SmolLM2-135M-Instruct,
-offline) and answers one message, which proves the whole stack works on this machine.
+On a Hugging Face Space this is the entry point (README front matter: app_file app.py); runs are
+kept under /data when the Space has persistent storage.
 """
 
-import functools
 import os
 
-import gradio as gr
+from lora_app.ui.space import configure_storage
 
-from lora_app.inference import chat_reply
-from lora_app.models import load_model
+configure_storage()  # before anything reads LORA_APP_HOME
 
+from lora_app.ui import build_app, launch  # noqa: E402  (after the storage choice above)
 
-@functools.cache
-def default_model():
-    return load_model("default")
-
-
-def answer(message: str) -> str:
-    if not message or not message.strip():
-        return "Type a message first."
-    model, tokenizer = default_model()
-    return chat_reply(model, tokenizer, [{"role": "user", "content": message}], max_new_tokens=96)
-
-
-def build() -> gr.Blocks:
-    with gr.Blocks(title="LoRA Studio") as demo:
-        gr.Markdown("# LoRA Studio\nChat with the embedded default model (SmolLM2-135M-Instruct).")
-        prompt = gr.Textbox(label="Message", placeholder="Ask something…")
-        reply = gr.Textbox(label="Reply", interactive=False)
-        gr.Button("Send", variant="primary").click(answer, prompt, reply)
-        prompt.submit(answer, prompt, reply)
-    return demo
-
+demo = build_app()  # module level, so `gradio app.py` (hot reload) and Spaces find it
 
 if __name__ == "__main__":
-    default_model()  # convert/load before serving, so the first message is quick
-    build().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                   server_port=int(os.environ.get("PORT", "7860")))
+    try:  # convert the embedded model once before serving, so the first page load is quick
+        from lora_app.models import default_model_path
+
+        default_model_path()
+    except Exception as err:  # the page still starts: it says what is missing where the model is picked
+        print(f"warning: {err}")
+    launch(demo, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+           server_port=int(os.environ.get("PORT", "7860")))

@@ -1,0 +1,92 @@
+"""The studio page: builds the Blocks from the tab modules and connects their events.
+
+Each tab module builds its own widgets into a shared namespace (``ui``) and keeps its callbacks as
+plain functions; the connections live here because many of them cross tabs (the preview reads the
+sequence length from the Model & LoRA tab, Start reads the dataset from the Data tab, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from lora_app.ui import data_tab, model_tab, train_tab
+from lora_app.ui.common import friendly
+from lora_app.ui.form import FIELDS
+
+CSS = (Path(__file__).with_name("style.css")).read_text()
+THEME = gr.themes.Soft(primary_hue="indigo", radius_size="md")
+
+
+def header_markdown() -> str:
+    from lora_app.training.store import default_root
+    from lora_app.ui.space import device_summary
+
+    return (f"<div class='lora-header'><h1>LoRA Studio</h1>"
+            f"<span>{device_summary()}</span><span>runs in <code>{default_root()}</code></span></div>")
+
+
+def build_app() -> gr.Blocks:
+    ui = SimpleNamespace(form={})
+    with gr.Blocks(title="LoRA Studio") as demo:
+        gr.HTML(header_markdown(), elem_id="header")
+        ui.data_path = gr.State(None)
+        with gr.Tabs(elem_id="tabs") as ui.tabs:
+            with gr.Tab("1 · Data", id="data"):
+                data_tab.build(ui)
+            with gr.Tab("2 · Model & LoRA", id="model"):
+                model_tab.build(ui)
+            with gr.Tab("3 · Train", id="train"):
+                train_tab.build(ui)
+        wire(demo, ui)
+    demo.ui = ui  # tests reach the widgets through this
+    return demo
+
+
+def wire(demo: gr.Blocks, ui) -> None:
+    form = [ui.form[name] for name in FIELDS]
+    f = ui.form
+
+    # -- data --
+    preview_inputs = [ui.data_path, f["model"], f["data_format"], ui.mapping, f["template"], f["train_on_prompt"],
+                      f["seq_len"], f["packing"], f["val_fraction"]]
+    preview_outputs = [ui.preview_status, ui.preview_html, ui.length_plot]
+    preview = dict(fn=data_tab.preview, inputs=preview_inputs, outputs=preview_outputs, trigger_mode="always_last")
+    ui.data_file.upload(friendly(data_tab.on_upload), ui.data_file, [ui.data_path, ui.data_status]).then(**preview)
+    ui.data_file.clear(lambda: (None, "No dataset yet.", "", "", None), None,
+                       [ui.data_path, ui.data_status, ui.preview_status, ui.preview_html, ui.length_plot])
+    ui.demo_button.click(friendly(data_tab.use_demo), None, [ui.data_path, ui.data_status]).then(**preview)
+    gr.on([f["data_format"].input, f["template"].input, f["train_on_prompt"].input, ui.mapping.submit, ui.mapping.blur,
+           f["seq_len"].blur, f["packing"].input, f["val_fraction"].blur, f["model"].change], **preview)
+
+    # -- model & LoRA --
+    f["model"].change(model_tab.inspect_model, f["model"], [f["targets"], ui.model_about])
+    demo.load(model_tab.inspect_model, f["model"], [f["targets"], ui.model_about])
+    gr.on([f["rank"].change, f["alpha"].change, f["variant"].change], model_tab.alpha_ratio,
+          [f["rank"], f["alpha"], f["variant"]], ui.alpha_ratio, show_progress="hidden")
+    gr.on([c.change for c in form] + [ui.data_path.change, demo.load], model_tab.summarize, [ui.data_path, *form],
+          [ui.estimate, ui.cli], trigger_mode="always_last", show_progress="hidden")
+    ui.save_config.click(model_tab.save_config, [ui.data_path, *form], ui.saved_config).then(
+        lambda: gr.update(visible=True), None, ui.saved_config)
+    ui.config_file.upload(model_tab.load_config_file, ui.config_file, [*form, ui.config_status])
+
+    # -- train --
+    ui.start.click(friendly(train_tab.start_run), [ui.run_name, ui.data_path, *form], [ui.train_status, ui.watch],
+                   trigger_mode="once", concurrency_limit=1, concurrency_id="start")
+    ui.cancel.click(friendly(train_tab.cancel_run), ui.watch, ui.train_status)
+    ui.resume.click(friendly(train_tab.resume_run), ui.watch, ui.train_status, concurrency_id="start")
+    poll = dict(fn=friendly(train_tab.poll), inputs=[ui.watch, ui.smoothing, ui.log_scale, ui.seen],
+                outputs=[ui.progress, ui.loss_plot, ui.lr_plot, ui.grad_plot, ui.mem_plot, ui.queue, ui.log, ui.watch,
+                         ui.seen], show_progress="hidden", concurrency_limit=None)
+    ui.timer.tick(**poll)
+    gr.on([ui.watch.input, ui.smoothing.release, ui.log_scale.input], **poll)
+    demo.load(friendly(train_tab.on_load), None, ui.watch)
+
+
+def launch(demo: gr.Blocks | None = None, **kwargs):
+    """Start the server (theme and CSS are launch options in Gradio 6)."""
+    demo = demo or build_app()
+    demo.queue(default_concurrency_limit=4)
+    return demo.launch(theme=THEME, css=CSS, **kwargs)

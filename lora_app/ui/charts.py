@@ -1,0 +1,78 @@
+"""Plotly figures of a run's metrics, as the run store records them (one dict per logged step)."""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+
+HEIGHT = 260
+COLORS = dict(loss="#6366f1", smooth="#312e81", eval="#f97316", lr="#0ea5e9", grad="#10b981", rss="#6366f1",
+              peak="#a855f7", cuda="#f97316", cuda_peak="#ef4444", estimate="#64748b")
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the start is not pulled to 0."""
+    weight = min(max(float(weight or 0), 0.0), 0.999)
+    out, last, n = [], 0.0, 0
+    for value in values:
+        n += 1
+        last = last * weight + (1 - weight) * value
+        out.append(last / (1 - weight ** n) if weight else value)
+    return out
+
+
+def _layout(fig: go.Figure, title: str, ytitle: str = "", log: bool = False) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=14)), height=HEIGHT,
+                      margin=dict(l=55, r=15, t=36, b=36), xaxis_title="step", yaxis_title=ytitle,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1, font=dict(size=11)),
+                      uirevision=title)  # keeps the user's zoom across the periodic redraws
+    if log:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None and math.isfinite(m[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def loss_figure(metrics: list[dict], smoothing: float = 0.6, log_scale: bool = False) -> go.Figure:
+    fig = go.Figure()
+    steps, loss = _series(metrics, "loss")
+    if loss:
+        fig.add_trace(go.Scatter(x=steps, y=loss, name="train loss", mode="lines+markers" if len(loss) < 30 else "lines",
+                                 line=dict(color=COLORS["loss"], width=1), opacity=0.35 if smoothing else 1))
+        if smoothing:
+            fig.add_trace(go.Scatter(x=steps, y=smooth(loss, smoothing), name="smoothed", mode="lines",
+                                     line=dict(color=COLORS["smooth"], width=2)))
+    steps, evals = _series(metrics, "eval_loss")
+    if evals:
+        fig.add_trace(go.Scatter(x=steps, y=evals, name="eval loss", mode="lines+markers",
+                                 line=dict(color=COLORS["eval"], width=2), marker=dict(size=8)))
+    return _layout(fig, "Loss", log=log_scale and bool(loss or evals))
+
+
+def line_figure(metrics: list[dict], key: str, title: str, color: str, log_scale: bool = False) -> go.Figure:
+    steps, values = _series(metrics, key)
+    fig = go.Figure(go.Scatter(x=steps, y=values, name=title, mode="lines", line=dict(color=color, width=2)))
+    fig.update_layout(showlegend=False)
+    return _layout(fig, title, log=log_scale and bool(values))
+
+
+def memory_figure(metrics: list[dict], estimate_bytes: float | None = None) -> go.Figure:
+    """Measured memory (GiB) against the estimate made before the run."""
+    fig = go.Figure()
+    gib = 2 ** 30
+    for key, name in (("rss_bytes", "RSS"), ("peak_rss_bytes", "peak RSS"), ("cuda_allocated_bytes", "GPU allocated"),
+                      ("cuda_reserved_bytes", "GPU reserved"), ("cuda_peak_bytes", "GPU peak")):
+        steps, values = _series(metrics, key)
+        if values:
+            color = {"rss_bytes": "rss", "peak_rss_bytes": "peak", "cuda_allocated_bytes": "cuda",
+                     "cuda_peak_bytes": "cuda_peak"}.get(key, "estimate")
+            fig.add_trace(go.Scatter(x=steps, y=[v / gib for v in values], name=name, mode="lines",
+                                     line=dict(color=COLORS[color], width=2)))
+    if estimate_bytes:
+        fig.add_hline(y=estimate_bytes / gib, line_dash="dash", line_color=COLORS["estimate"],
+                      annotation_text="estimate", annotation_position="bottom right")
+    return _layout(fig, "Memory (GiB)")

@@ -1,0 +1,131 @@
+"""What every tab shares: turning exceptions into plain messages, number formatting, cached services.
+
+Callbacks are plain functions (unit-tested without a browser); ``friendly`` is the safety net that
+turns anything they raise into a readable toast, so the page never shows a traceback or a spinner
+that never ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+
+import gradio as gr
+
+log = logging.getLogger("lora_app.ui")
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Error types whose message is already written for the user (imported lazily: heavy modules)."""
+    from lora_app.data import DataError
+    from lora_app.inference.errors import InferenceError
+    from lora_app.lora import AdapterLoadError, LoraConfigError, TargetError
+    from lora_app.models import ModelLoadError
+    from lora_app.training.config import TrainConfigError
+    from lora_app.training.trainer import TrainingError
+
+    return (DataError, InferenceError, AdapterLoadError, LoraConfigError, TargetError, ModelLoadError,
+            TrainConfigError, TrainingError, UserError)
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for, raised by the UI layer itself."""
+
+
+def explain(err: BaseException) -> str:
+    """The message to show for ``err``: its own words when it is one of ours, else its type and text."""
+    import torch
+
+    if isinstance(err, gr.Error):
+        return err.message
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return ("Out of memory. Close other runs or chats, or pick a smaller model, batch size or sequence "
+                "length (4-bit quantization helps on a GPU).")
+    if isinstance(err, expected_errors()):
+        return str(err)
+    log.exception("unexpected error in a UI callback")  # the console keeps the traceback for a bug report
+    return f"Something went wrong ({type(err).__name__}: {err})."
+
+
+def friendly(fn):
+    """Wrap a callback so any exception becomes a ``gr.Error`` with a plain message (generators too)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:
+                raise gr.Error(explain(err), print_exception=False) from err
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            raise gr.Error(explain(err), print_exception=False) from err
+    return wrapper
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def fmt_count(n: int | None) -> str:
+    if n is None:
+        return "–"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} K"
+    return str(n)
+
+
+_store_lock = threading.Lock()
+_stores: dict = {}
+
+
+def run_store():
+    """One RunStore per root folder for the whole process (opening one runs the schema script)."""
+    from lora_app.training.store import RunStore, default_root
+
+    root = default_root()
+    with _store_lock:
+        if root not in _stores:
+            _stores[root] = RunStore(root)
+        return _stores[root]
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_for(model: str):
+    from lora_app.models import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+@functools.lru_cache(maxsize=8)
+def model_config_for(model: str):
+    from lora_app.models import load_config
+
+    return load_config(model)

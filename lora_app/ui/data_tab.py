@@ -1,0 +1,162 @@
+"""Data tab: upload a dataset (or take the demo), see what the model will be trained on.
+
+The preview runs the training pipeline itself (``preview_dataset``), so what is shown is exactly what
+training will use. Uploaded files are copied into the app's datasets folder, because Gradio's upload
+cache is temporary and a run (or its resume, hours later) reads the file again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import gradio as gr
+
+from lora_app.ui.common import UserError, friendly, tokenizer_for
+
+FORMAT_CHOICES = ["auto", "sharegpt", "openai", "alpaca", "prompt_completion", "text"]
+TEMPLATE_CHOICES = ["auto", "tokenizer", "alpaca", "chatml"]
+FILE_TYPES = [".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt"]
+
+
+def datasets_dir() -> Path:
+    from lora_app.paths import app_home
+
+    folder = app_home() / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def import_dataset(path: str | None) -> str | None:
+    """Copy an uploaded file to ``datasets/<hash>-<name>`` (the same content is stored once)."""
+    if not path:
+        return None
+    source = Path(path)
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    target = datasets_dir() / f"{digest.hexdigest()[:12]}-{source.name}"
+    if not target.exists():
+        tmp = target.with_suffix(target.suffix + ".part")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    return str(target)
+
+
+def parse_mapping(text: str | None) -> dict[str, str] | None:
+    """``"prompt=Frage, completion=Antwort"`` or a JSON object -> {field: column}; empty -> None."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"The column mapping is not valid JSON: {err.msg} (column {err.colno}).") from err
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise UserError('The column mapping must look like {"prompt": "question", "completion": "answer"}.')
+        return {str(k).strip(): v.strip() for k, v in mapping.items()}
+    mapping = {}
+    for part in text.replace("\n", ",").split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise UserError(f"Cannot read {part.strip()!r} in the column mapping: write field=column, "
+                            "e.g. prompt=question, completion=answer.")
+        field, column = (s.strip() for s in part.split("=", 1))
+        if not field or not column:
+            raise UserError(f"Cannot read {part.strip()!r} in the column mapping: both sides of = are needed.")
+        mapping[field] = column
+    return mapping
+
+
+def length_histogram(lengths, max_length: int):
+    """Token lengths per example as bars, with the sequence-length limit as a line."""
+    import plotly.graph_objects as go
+
+    edges = lengths.hist_edges
+    centers = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    fig = go.Figure(go.Bar(x=centers, y=lengths.hist_counts, width=widths, marker_color="#6366f1",
+                           hovertemplate="%{x:.0f} tokens: %{y} examples<extra></extra>"))
+    if max_length and edges and max_length <= edges[-1] * 1.5:
+        fig.add_vline(x=max_length, line_dash="dash", line_color="#ef4444",
+                      annotation_text=f"sequence length {max_length}", annotation_position="top left")
+    fig.update_layout(title="Tokens per example", xaxis_title="tokens", yaxis_title="examples", height=300,
+                      margin=dict(l=50, r=20, t=40, b=40), bargap=0.05, showlegend=False)
+    return fig
+
+
+@friendly
+def preview(data_path, model, data_format, mapping_text, template, train_on_prompt, seq_len, packing,
+            val_fraction):
+    """(status markdown, preview html, histogram) for the current file and settings."""
+    from lora_app.data import DataError, preview_dataset
+
+    if not data_path:
+        return "Upload a dataset or use the demo dataset to see a preview.", "", None
+    mapping = parse_mapping(mapping_text)
+    tokenizer = tokenizer_for((model or "default").strip())
+    try:
+        result = preview_dataset(data_path, tokenizer, format=None if data_format in (None, "", "auto") else data_format,
+                                 mapping=mapping, template=None if template in (None, "", "auto") else template,
+                                 train_on_prompt=bool(train_on_prompt), max_length=int(seq_len or 512),
+                                 packing=bool(packing), val_fraction=float(val_fraction or 0))
+    except DataError as err:
+        return f"**This dataset cannot be used yet.**\n\n{err}", "", None
+    r = result.report
+    status = (f"**{r.format}** format · {r.train_rows} training rows · {r.val_rows} validation rows"
+              + (f" · {r.rows_skipped} skipped" if r.rows_skipped else "")
+              + (f" · {r.truncated} truncated" if r.truncated else ""))
+    if mapping and not mapping_supported():
+        status += ("\n\n⚠️ Training does not take a column mapping yet: rename the columns in the file, "
+                   "or the run will use the detected mapping.")
+    return status, result.to_html(), length_histogram(result.lengths, r.max_length)
+
+
+def mapping_supported() -> bool:
+    """Whether TrainConfig can carry a column mapping to the worker (see the report to the trainer's owner)."""
+    from lora_app.training.config import TrainConfig
+
+    return "data_mapping" in TrainConfig.__dataclass_fields__
+
+
+def use_demo() -> tuple[str, str]:
+    from lora_app.data import DEMO_DATASET
+
+    if not Path(DEMO_DATASET).exists():
+        raise gr.Error("The demo dataset is missing from this installation (assets/).")
+    return str(DEMO_DATASET), f"Using the demo dataset **{Path(DEMO_DATASET).name}**: a pirate persona, Captain Byte."
+
+
+def on_upload(file):
+    """Store the uploaded file; (dataset path, status line)."""
+    path = import_dataset(file)
+    if path is None:
+        return None, "No dataset yet."
+    return path, f"Uploaded **{Path(file).name}**."
+
+
+def build(ui) -> None:
+    """The Data tab's widgets (wired in ``app.wire``, since the preview reads other tabs' settings)."""
+    gr.Markdown("Upload JSON, JSONL, CSV/TSV, Parquet or TXT. The format is detected; override it below if "
+                "it guessed wrong. The preview shows exactly what the model will be trained on.")
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            ui.data_file = gr.File(label="Dataset file", file_types=FILE_TYPES, height=150, elem_id="data-file")
+            ui.demo_button = gr.Button("Use the demo dataset (Captain Byte)", size="sm", elem_id="use-demo")
+            ui.data_status = gr.Markdown("No dataset yet.", elem_id="data-status")
+            with gr.Accordion("Format and column mapping", open=False):
+                ui.form["data_format"] = gr.Dropdown(FORMAT_CHOICES, value="auto", label="Format")
+                ui.mapping = gr.Textbox(label="Column mapping (field=column, ...)", placeholder="prompt=question, completion=answer",
+                                        info="Map the format's fields to your columns by hand.")
+                ui.form["template"] = gr.Dropdown(TEMPLATE_CHOICES, value="auto", label="Chat template",
+                                                  info="auto: the tokenizer's own template, else alpaca")
+                ui.form["train_on_prompt"] = gr.Checkbox(label="Train on prompts too (not only the assistant's turns)")
+        with gr.Column(scale=3, min_width=400):
+            ui.length_plot = gr.Plot(label="Token lengths", elem_id="length-plot")
+    ui.preview_status = gr.Markdown("", elem_id="preview-status")
+    ui.preview_html = gr.HTML("", elem_id="data-preview", max_height=520)
