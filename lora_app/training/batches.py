@@ -36,3 +36,21 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
         usable = len(batches) // world * world
         batches = batches[rank:usable:world]
     return batches
+
+
+def split_by_tokens(indices: list[int], lengths: list[int], batch_size: int, budget: int) -> list[list[int]]:
+    """Cut one optimizer step's examples into micro-batches of at most ``batch_size`` examples and
+    (when ``budget`` > 0) at most ``budget`` tokens after padding, longest first so that examples of
+    similar length share a micro-batch. Gradients are normalised by the step's token count, so the
+    step's update does not depend on the cut; only peak memory does."""
+    order = sorted(indices, key=lambda i: -lengths[i])
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks:
+            chunk = chunks[-1]
+            width = max(lengths[chunk[0]], lengths[i])
+            if len(chunk) < batch_size and (budget <= 0 or width * (len(chunk) + 1) <= budget):
+                chunk.append(i)
+                continue
+        chunks.append([i])
+    return chunks

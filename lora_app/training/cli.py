@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
+    p.add_argument("--max-batch-tokens", type=int, help="cap on padded tokens per micro-batch (0: none; "
+                   "default: 2048 on a CPU, none on a GPU); the optimizer step is the same either way")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--scheduler", choices=SCHEDULERS)

@@ -44,6 +44,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 4
     grad_accum: int = 1
+    max_batch_tokens: int | None = None  # cap on padded tokens per micro-batch; None = auto, 0 = no cap
     lr: float = 2e-4
     weight_decay: float = 0.0
     scheduler: str = "cosine"
@@ -104,8 +105,10 @@ class TrainConfig:
             p.append(f"warmup must be >= 0 (got {self.warmup!r})")
         if not _number(self.val_fraction) or not 0 <= self.val_fraction < 1:
             p.append(f"validation fraction must be in [0, 1) (got {self.val_fraction!r})")
-        for name in ("eval_every", "save_every"):
+        for name in ("eval_every", "save_every", "max_batch_tokens"):
             value = getattr(self, name)
+            if value is None and name == "max_batch_tokens":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 p.append(f"{name.replace('_', '-')} must be a whole number >= 0 (got {value!r})")
         if not _number(self.max_grad_norm) or self.max_grad_norm < 0:

@@ -25,13 +25,16 @@ from torch import nn
 
 from lora_app.lora import DeltaLoraUpdater, LoraConfig, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
-from lora_app.training.batches import plan_batches
+from lora_app.training.batches import plan_batches, split_by_tokens
 from lora_app.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig, TrainConfigError
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
 from lora_app.training.memory import estimate_memory, memory_now
 
 ADAPTER = "default"
+# On a CPU, activations dominate memory and smaller micro-batches cost no speed: cap them at this many
+# (padded) tokens. On a GPU the batch size alone decides.
+DEFAULT_CPU_BATCH_TOKENS = 2048
 RUN_FILES = {"train.log", "config.json"}  # what the worker writes into a run folder before training starts
 
 
@@ -190,10 +193,18 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
     lengths = [len(example["input_ids"]) for example in data.train]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def micro_batch(index: int) -> dict:
-        epoch, position = divmod(index, batches_per_epoch)
-        plan = plan_batches(lengths, config.batch_size, config.seed, epoch, group, shard)
-        return collate([data.train[i] for i in plan[position]], pad_id)
+    token_budget = config.max_batch_tokens if config.max_batch_tokens is not None else \
+        (DEFAULT_CPU_BATCH_TOKENS if device.type == "cpu" else 0)
+
+    def step_batches(step: int) -> list[dict]:
+        """The collated micro-batches of one optimizer step: its ``grad_accum`` batches, re-cut so
+        that no micro-batch exceeds the token budget (the step's gradient is the same either way)."""
+        indices = []
+        for index in range(step * config.grad_accum, (step + 1) * config.grad_accum):
+            epoch, position = divmod(index, batches_per_epoch)
+            indices += plan_batches(lengths, config.batch_size, config.seed, epoch, group, shard)[position]
+        return [collate([data.train[i] for i in chunk], pad_id)
+                for chunk in split_by_tokens(indices, lengths, config.batch_size, token_budget)]
 
     loss_model = CausalLMLoss(model)
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
@@ -234,7 +245,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
     started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
     step, status, eval_loss, last_loss = start_step, "completed", None, None
     while step < total_steps:
-        batches = [micro_batch(step * config.grad_accum + i) for i in range(config.grad_accum)]
+        batches = step_batches(step)
         step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         step_loss = 0.0
         for i, batch in enumerate(batches):
@@ -243,7 +254,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
                 loss_sum, _ = loss_model(**_to_device(batch, device))
                 loss = loss_sum / max(step_tokens, 1)
             accelerator.backward(loss)
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
         if not math.isfinite(step_loss):
             raise TrainingError(f"The loss became {step_loss} at step {step + 1}: training diverged. Lower the "
                                 "learning rate, use fp32/bf16 rather than fp16, or check the data.")

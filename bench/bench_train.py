@@ -1,0 +1,140 @@
+"""Training speed and memory: our `train` against the standard transformers Trainer + peft recipe.
+
+    python bench/bench_train.py [--steps 20] [--batch-size 8] [--seq-len 512] [--peer-precision fp32]
+
+Both sides train the same model (the embedded SmolLM2-135M-Instruct), on the same tokenized examples
+(the shared alpaca demo data, prompts masked, through our data pipeline), with the same LoRA (rank 16,
+alpha 32, dropout 0.05, q/k/v/o/gate/up/down), optimizer (AdamW, lr 2e-4, cosine) and batch size, each
+in a fresh process so its peak RSS is its own. Printed per side: useful tokens/s (non-padding tokens
+that carry a label, per second of the training loop), peak RSS, and the ratios ours / peer.
+The peer runs at its best setting on this hardware: fp32 unless the CPU has native bf16 (where bf16
+autocast is faster); pass --peer-precision to force one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+sys.path.insert(0, str(ROOT))
+
+
+def run_ours(args) -> dict:
+    import tempfile
+
+    from lora_app.training.config import TrainConfig
+    from lora_app.training.trainer import Callbacks, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(data=str(DATA), output=str(Path(tmp) / "run"), rank=16, alpha=32, dropout=0.05,
+                             targets=TARGETS, max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                             lr=2e-4, scheduler="cosine", warmup=0, seed=0, precision=args.precision,
+                             gradient_checkpointing=args.gradient_checkpointing)
+        summary = train(config, Callbacks(log=lambda text: None)).summary
+    return dict(useful_tokens_per_second=summary["useful_tokens_per_second"], train_tokens=summary["train_tokens"],
+                seconds=summary["wall_seconds"], peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                final_loss=summary["final_loss"])
+
+
+def run_peer(args) -> dict:
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, \
+        TrainingArguments
+
+    from lora_app.data import prepare_dataset
+    from lora_app.models import default_model_path, load_tokenizer
+
+    tokenizer = load_tokenizer("default")
+    data = prepare_dataset(DATA, tokenizer, max_length=args.seq_len, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS.split(","),
+                                             task_type="CAUSAL_LM"))
+    counted = {"tokens": 0}
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def collator(features):
+        batch = pad([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        counted["tokens"] += int((batch["labels"][:, 1:] != -100).sum())
+        return batch
+
+    timing = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            timing["start"] = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            timing["end"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = TrainingArguments(
+            output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=2e-4,
+            lr_scheduler_type="cosine", warmup_steps=0, logging_steps=10, save_strategy="no", report_to=[],
+            bf16=args.precision == "bf16", use_cpu=not torch.cuda.is_available(), seed=0,
+            dataloader_num_workers=0, remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing)
+        trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=collator,
+                          callbacks=[Clock()])
+        result = trainer.train()
+    seconds = timing["end"] - timing["start"]
+    return dict(useful_tokens_per_second=counted["tokens"] / seconds, train_tokens=counted["tokens"], seconds=seconds,
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                final_loss=result.training_loss)
+
+
+def side(name: str, args) -> dict:
+    command = [sys.executable, __file__, "--side", name, "--steps", str(args.steps), "--batch-size",
+               str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--precision", args.peer_precision if name == "peer" else args.precision]
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
+    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--side", choices=["ours", "peer"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--precision", default="auto", help="ours")
+    p.add_argument("--peer-precision", default=None, help="fp32 or bf16 (default: the faster on this hardware)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    args = p.parse_args()
+    if args.side:
+        result = (run_ours if args.side == "ours" else run_peer)(args)
+        print(json.dumps(result))
+        return
+    if args.peer_precision is None:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+        native_bf16 = torch.cuda.is_available() or "AMX" in capability or "BF16" in capability
+        args.peer_precision = "bf16" if native_bf16 else "fp32"
+    print(f"model: SmolLM2-135M-Instruct  data: {DATA.name}  steps {args.steps}  batch {args.batch_size}  "
+          f"seq-len {args.seq_len}  peer precision {args.peer_precision}")
+    results = {name: side(name, args) for name in ("peer", "ours")}
+    for name, r in results.items():
+        print(f"{name:5s} useful tokens/s {r['useful_tokens_per_second']:8.1f}  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB"
+              f"  ({r['train_tokens']} tokens in {r['seconds']:.1f} s, final loss {r['final_loss']:.3f})")
+    ours, peer = results["ours"], results["peer"]
+    print(f"ratio speed  ours/peer = {ours['useful_tokens_per_second'] / peer['useful_tokens_per_second']:.2f}x")
+    print(f"ratio memory ours/peer = {ours['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

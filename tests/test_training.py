@@ -1,0 +1,248 @@
+"""The training engine: settings checks, the loop, checkpoints and exact resume, the loss, batching."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import save_tiny, tiny_model
+from lora_app.training.batches import plan_batches
+from lora_app.training.config import TrainConfig, TrainConfigError
+from lora_app.training.loss import linear_cross_entropy, reference_cross_entropy
+from lora_app.training.trainer import Callbacks, TrainingError, train
+
+QA = [("What is the capital of France?", "Paris."), ("Say hi.", "Hi!"), ("2+2?", "4"),
+      ("Name a color.", "Blue."), ("Opposite of up?", "Down."), ("A fruit?", "An apple."),
+      ("Sky color?", "Blue."), ("A pet?", "A cat.")]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return str(save_tiny("llama", tmp_path_factory.mktemp("model") / "tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "qa.json"
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QA * 4]
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def config_for(model, data, output, **overrides):
+    values = dict(model=model, data=data, output=str(output), rank=4, alpha=8, dropout=0.0, batch_size=4,
+                  seq_len=96, max_steps=4, lr=1e-2, warmup=0, scheduler="linear", seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def quiet(**kwargs):
+    logged = []
+    return Callbacks(on_log=lambda step, values: logged.append((step, values)), log=lambda text: None, **kwargs), logged
+
+
+# ---- settings ---------------------------------------------------------------------------------
+def test_every_invalid_setting_is_listed_at_once():
+    config = TrainConfig(data="x.json", output="out", rank=0, lr=0, batch_size=0, variant="mystery")
+    with pytest.raises(TrainConfigError) as err:
+        config.validate()
+    message = str(err.value)
+    for words in ("rank", "learning rate", "batch size", "unknown variant 'mystery'"):
+        assert words in message
+
+
+def test_config_file_and_unknown_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rank: 16\nalpha: 32\nvariant: dora\nseq-len: 256\n")
+    config = TrainConfig.from_file(path)
+    assert (config.rank, config.alpha, config.variant, config.seq_len) == (16, 32, "dora", 256)
+    path.write_text("rnak: 3\n")
+    with pytest.raises(TrainConfigError, match="rnak"):
+        TrainConfig.from_file(path)
+
+
+def test_sequence_length_beyond_the_model_is_refused_before_loading(tiny_llama, qa_data, tmp_path, monkeypatch):
+    import lora_app.models
+
+    monkeypatch.setattr(lora_app.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(TrainConfigError, match="beyond the model's maximum of 128"):
+        train(config_for(tiny_llama, qa_data, tmp_path / "run", seq_len=4096), quiet()[0])
+
+
+def test_cli_lists_problems_and_exits_2(capsys):
+    from lora_app.training.cli import main
+
+    assert main(["train", "--data", "d.json", "--output", "o", "--rank", "0", "--lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "rank must be" in err and "learning rate must be" in err
+
+
+# ---- the loss ---------------------------------------------------------------------------------
+def test_fused_loss_matches_full_logits_in_value_and_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    labels = torch.randint(0, 50, (3, 10))
+    labels[0, :4] = -100
+    labels[2, 7:] = -100
+    loss, count = linear_cross_entropy(hidden, weight, labels, chunk_size=7)
+    loss.backward()
+    fused_grad = hidden.grad.clone()
+    hidden.grad = None
+    reference = reference_cross_entropy(hidden @ weight.T, labels)
+    reference.backward()
+    assert count == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(loss, reference, atol=1e-5)
+    assert torch.allclose(fused_grad, hidden.grad, atol=1e-6)
+
+
+# ---- batching ---------------------------------------------------------------------------------
+def test_batches_cover_every_example_once_and_are_deterministic():
+    lengths = [(i * 37) % 101 + 1 for i in range(230)]
+    plan = plan_batches(lengths, 8, seed=1, epoch=0)
+    assert sorted(i for batch in plan for i in batch) == list(range(230))
+    assert plan == plan_batches(lengths, 8, seed=1, epoch=0)
+    assert plan != plan_batches(lengths, 8, seed=1, epoch=1)
+    padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in plan)
+    random_plan = plan_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
+    random_padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in random_plan)
+    assert padding < random_padding / 4
+    shards = [plan_batches(lengths, 8, 1, 0, shard=(rank, 3)) for rank in range(3)]
+    assert len({len(s) for s in shards}) == 1
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+def test_a_run_trains_logs_and_saves_an_adapter_that_peft_loads(tiny_llama, qa_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    callbacks, logged = quiet()
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=12, val_fraction=0.25, eval_every=4),
+                    callbacks)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert outcome.status == "completed" and summary["steps"] == 12
+    for key in ("final_loss", "eval_loss", "train_tokens", "useful_tokens_per_second", "peak_memory_bytes",
+                "trainable_params", "wall_seconds", "memory_estimate_bytes"):
+        assert summary[key] and summary[key] > 0, key
+    losses = [values["loss"] for _, values in logged if "loss" in values]
+    assert losses[-1] < losses[0]
+    assert any("eval_loss" in values for _, values in logged)
+    assert {"lr", "grad_norm", "tokens_per_second", "eta", "rss_bytes"} <= set(logged[0][1])
+
+    from lora_app.lora import load_adapter
+    from lora_app.models import load_model
+
+    ours, tokenizer = load_model(tiny_llama)
+    load_adapter(ours, tmp_path / "run" / "adapter")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "run" / "adapter")
+    ids = tokenizer("What is the capital", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, peft_model(ids).logits, atol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits
+    assert not torch.allclose(ours(ids).logits, base, atol=1e-3)  # training changed something
+
+
+def test_an_existing_output_folder_is_never_overwritten(tiny_llama, qa_data, tmp_path):
+    train(config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=1), quiet()[0])
+    before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=1), quiet()[0])
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_cancel_then_resume_gives_the_same_loss_curve(tiny_llama, qa_data, tmp_path):
+    settings = dict(max_steps=6, dropout=0.1, grad_accum=2, batch_size=2, lora_plus_ratio=4.0)
+    straight, straight_log = quiet()
+    train(config_for(tiny_llama, qa_data, tmp_path / "straight", **settings), straight)
+
+    steps_seen = []
+    first, first_log = quiet(should_stop=lambda: len(steps_seen) >= 3)
+    first.on_log = lambda step, values: (steps_seen.append(step), first_log.append((step, values)))
+    assert train(config_for(tiny_llama, qa_data, tmp_path / "resumed", **settings), first).status == "cancelled"
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-4" / "optimizer.safetensors").exists()
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    second, second_log = quiet()
+    train(config_for(tiny_llama, qa_data, tmp_path / "resumed", resume=True, **settings), second)
+
+    curve = {step: values["loss"] for step, values in straight_log if "loss" in values}
+    resumed = {step: values["loss"] for step, values in first_log + second_log if "loss" in values}
+    assert resumed.keys() == curve.keys()
+    for step in curve:
+        assert math.isclose(resumed[step], curve[step], rel_tol=1e-4), step
+
+
+@pytest.mark.parametrize("variant", ["rslora", "dora", "lora-fa", "vera", "delta-lora"])
+def test_every_variant_trains(variant, tiny_llama, qa_data, tmp_path):
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", variant=variant, max_steps=2), quiet()[0])
+    assert outcome.summary["steps"] == 2 and math.isfinite(outcome.summary["final_loss"])
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_llama, qa_data, tmp_path):
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", quantization="4bit", max_steps=2,
+                               targets="all-linear"), quiet()[0])
+    assert outcome.summary["steps"] == 2 and math.isfinite(outcome.summary["final_loss"])
+
+
+def test_packing_and_gradient_checkpointing(tiny_llama, qa_data, tmp_path):
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", packing=True, gradient_checkpointing=True,
+                               max_steps=2), quiet()[0])
+    assert outcome.summary["steps"] == 2 and math.isfinite(outcome.summary["final_loss"])
+
+
+def test_a_diverging_run_stops_with_a_message(tmp_path, qa_data):
+    model_dir = save_tiny("llama", tmp_path / "nan-model")
+    model = tiny_model("llama")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    del model
+    with pytest.raises(TrainingError, match="diverged"):
+        train(config_for(str(model_dir), qa_data, tmp_path / "run"), quiet()[0])
+
+
+def test_bad_data_gives_the_data_message(tiny_llama, tmp_path):
+    from lora_app.data import DataError
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    with pytest.raises(DataError):
+        train(config_for(tiny_llama, str(empty), tmp_path / "run"), quiet()[0])
+
+
+def test_out_of_memory_gives_advice():
+    from lora_app.training.cli import _explain
+
+    message = _explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert "smaller batch" in message and "4-bit" in message and "gradient-checkpointing" in message
+
+
+def test_memory_estimate_counts_the_real_trainable_parameters(tiny_llama, qa_data, tmp_path):
+    from lora_app.lora import LoraConfig
+    from lora_app.models import load_config
+    from lora_app.training.memory import estimate_memory
+
+    config = config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=1)
+    estimate = estimate_memory(config, load_config(tiny_llama), LoraConfig(r=4, alpha=8))
+    outcome = train(config, quiet()[0])
+    assert estimate["trainable_params"] == outcome.summary["trainable_params"]
+    assert estimate["total_bytes"] == sum(v for k, v in estimate.items() if k.endswith("_bytes") and k != "total_bytes")
+
+
+def test_token_budget_changes_memory_not_the_update(tiny_llama, qa_data, tmp_path):
+    from lora_app.training.batches import split_by_tokens
+
+    chunks = split_by_tokens(list(range(6)), [10, 50, 20, 40, 30, 5], batch_size=4, budget=100)
+    assert sorted(i for c in chunks for i in c) == list(range(6))
+    assert all(len(c) * max([10, 50, 20, 40, 30, 5][i] for i in c) <= 100 for c in chunks)
+
+    curves = []
+    for budget in (0, 40):
+        callbacks, logged = quiet()
+        train(config_for(tiny_llama, qa_data, tmp_path / f"run{budget}", max_steps=3, max_batch_tokens=budget),
+              callbacks)
+        curves.append([values["loss"] for _, values in logged if "loss" in values])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)

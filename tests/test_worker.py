@@ -1,0 +1,108 @@
+"""The run store and detached workers: queueing, kill -9 and resume, graceful cancel, the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import save_tiny
+from lora_app.training.config import TrainConfig
+from lora_app.training.store import RunStore
+from lora_app.training import worker
+
+ROWS = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worker")
+    model = str(save_tiny("llama", root / "tiny-llama"))
+    data = root / "data.json"
+    data.write_text(json.dumps(ROWS))
+    return root, model, str(data)
+
+
+def wait_for(condition, timeout=120.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job(model, data, **overrides):
+    values = dict(model=model, data=data, rank=4, alpha=8, batch_size=2, seq_len=64, max_steps=2, lr=1e-3, warmup=0,
+                  log_every=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_claim_is_exclusive_and_first_come_first_served(tmp_path):
+    store = RunStore(tmp_path)
+    first = store.create_run({}, device="cpu")
+    second = store.create_run({}, device="cpu")
+    assert not store.claim(second.id, pid=2)  # the earlier run is first in line
+    assert store.claim(first.id, pid=1)
+    assert not store.claim(second.id, pid=2)  # the device is busy
+    store.finish(first.id, "completed")
+    assert store.claim(second.id, pid=2)
+    store.log_metrics(second.id, 1, {"loss": 2.0})
+    store.log_metrics(second.id, 2, {"loss": 1.5})
+    store.truncate_metrics(second.id, 1)
+    assert [m["step"] for m in store.metrics(second.id)] == [1]
+
+
+def test_queue_kill_dash_9_and_resume(setup):
+    root, model, data = setup
+    store = RunStore(root / "runs")
+    long = worker.submit(job(model, data, max_steps=60, save_every=3), store, name="long")
+    short = worker.submit(job(model, data, max_steps=2), store, name="short")
+    wait_for(lambda: store.get(long.id).status == "running", what="the first job to start")
+    assert store.get(short.id).status == "queued"  # one job per device; the second waits its turn
+
+    checkpoints = root / "runs" / long.id / "checkpoints"
+    wait_for(lambda: checkpoints.exists() and any(checkpoints.glob("checkpoint-*/state.json")), what="a checkpoint")
+    os.killpg(store.get(long.id).pid, signal.SIGKILL)
+    run = wait_for(lambda: next(r for r in worker.refresh(store) if r.id == long.id).status == "failed"
+                   and store.get(long.id), what="the killed job to be marked failed")
+    assert "ended unexpectedly" in run.error and "step" in run.error  # the log tail comes with it
+    assert not (root / "runs" / long.id / "adapter").exists()  # never a half-written final adapter
+
+    wait_for(lambda: store.get(short.id).status == "completed", what="the queued job to run")
+    worker.resume(long.id, store)
+    wait_for(lambda: store.get(long.id).status == "completed", timeout=240, what="the resumed job")
+    steps = [m["step"] for m in store.metrics(long.id) if "loss" in m]
+    assert steps == list(range(1, 61))  # one continuous curve: nothing lost, nothing logged twice
+    assert (root / "runs" / long.id / "adapter" / "adapter_model.safetensors").exists()
+    assert store.get(long.id).summary["steps"] == 60
+
+
+def test_cancel_is_graceful(setup):
+    root, model, data = setup
+    store = RunStore(root / "cancel-runs")
+    run = worker.submit(job(model, data, max_steps=100000), store)
+    wait_for(lambda: store.get(run.id).step or len(store.metrics(run.id)) > 2, what="training to start")
+    worker.cancel(run.id, store)
+    done = wait_for(lambda: store.get(run.id).status == "cancelled" and store.get(run.id), what="the cancel")
+    assert any((root / "cancel-runs" / run.id / "checkpoints").glob("checkpoint-*/state.json"))
+    assert done.error is None
+
+
+def test_cli_run_is_registered_and_refuses_to_overwrite(setup, tmp_path):
+    root, model, data = setup
+    output = tmp_path / "cli-run"
+    command = [sys.executable, "-m", "lora_app", "train", "--model", model, "--data", data, "--output", str(output),
+               "--max-steps", "1", "--batch-size", "2", "--seq-len", "64", "--store", str(tmp_path / "store")]
+    first = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    (run,) = RunStore(tmp_path / "store").list()
+    assert run.status == "completed" and run.summary["steps"] == 1
+    second = subprocess.run(command, capture_output=True, text=True)
+    assert second.returncode == 2 and "already holds a run" in second.stderr
+    assert "Traceback" not in second.stderr
