@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from lora_app.ui import data_tab, model_tab, train_tab
-from lora_app.ui.common import friendly
+from lora_app.ui import adapters, chat_tab, compare_tab, data_tab, model_tab, runs_tab, train_tab
+from lora_app.ui.common import friendly, run_store
 from lora_app.ui.form import FIELDS
 
 CSS = (Path(__file__).with_name("style.css")).read_text()
@@ -29,6 +29,10 @@ def header_markdown() -> str:
 
 
 def build_app() -> gr.Blocks:
+    # transformers resolves its names lazily, and two callbacks doing that first import in parallel
+    # threads can see a half-initialised module (ImportError); resolve them once, here.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     ui = SimpleNamespace(form={})
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.HTML(header_markdown(), elem_id="header")
@@ -40,6 +44,12 @@ def build_app() -> gr.Blocks:
                 model_tab.build(ui)
             with gr.Tab("3 · Train", id="train"):
                 train_tab.build(ui)
+            with gr.Tab("4 · Runs & adapters", id="runs") as ui.runs_tab:
+                runs_tab.build(ui)
+            with gr.Tab("5 · Chat", id="chat") as ui.chat_tab:
+                chat_tab.build(ui)
+            with gr.Tab("6 · Compare", id="compare") as ui.compare_tab:
+                compare_tab.build(ui)
         wire(demo, ui)
     demo.ui = ui  # tests reach the widgets through this
     return demo
@@ -67,7 +77,7 @@ def wire(demo: gr.Blocks, ui) -> None:
     gr.on([f["rank"].change, f["alpha"].change, f["variant"].change], model_tab.alpha_ratio,
           [f["rank"], f["alpha"], f["variant"]], ui.alpha_ratio, show_progress="hidden")
     gr.on([c.change for c in form] + [ui.data_path.change, demo.load], model_tab.summarize, [ui.data_path, *form],
-          [ui.estimate, ui.cli], trigger_mode="always_last", show_progress="hidden")
+          [ui.estimate, ui.cli, ui.train_summary], trigger_mode="always_last", show_progress="hidden")
     ui.save_config.click(model_tab.save_config, [ui.data_path, *form], ui.saved_config).then(
         lambda: gr.update(visible=True), None, ui.saved_config)
     ui.config_file.upload(model_tab.load_config_file, ui.config_file, [*form, ui.config_status])
@@ -83,6 +93,54 @@ def wire(demo: gr.Blocks, ui) -> None:
     ui.timer.tick(**poll)
     gr.on([ui.watch.input, ui.smoothing.release, ui.log_scale.input], **poll)
     demo.load(friendly(train_tab.on_load), None, ui.watch)
+
+    # -- runs & adapters --
+    runs_view = [ui.runs_table, ui.runs_pick, ui.runs_other, ui.runs_details]
+    refresh_runs = dict(fn=friendly(runs_tab.refresh), inputs=[ui.runs_pick, ui.runs_other], outputs=runs_view)
+    gr.on([ui.runs_tab.select, ui.runs_refresh.click], **refresh_runs)
+    gr.on([ui.runs_pick.input, ui.runs_other.input], friendly(runs_tab.run_details), [ui.runs_pick, ui.runs_other],
+          ui.runs_details)
+    ui.runs_chat.click(friendly(chat_with_run), ui.runs_pick,
+                       [ui.tabs, ui.chat_model, ui.chat_mode, ui.chat_adapters, ui.chat_status])
+    ui.runs_zip.click(friendly(runs_tab.zip_run), ui.runs_pick, ui.runs_file).then(
+        lambda: gr.update(visible=True), None, ui.runs_file)
+    ui.runs_merge.click(friendly(runs_tab.export_merged), ui.runs_pick, ui.runs_status)
+    ui.runs_delete.click(friendly(runs_tab.ask_delete), ui.runs_pick, [ui.runs_confirm_row, ui.runs_status])
+    ui.runs_keep.click(lambda: (gr.update(visible=False), ""), None, [ui.runs_confirm_row, ui.runs_status])
+    ui.runs_confirm.click(lambda: gr.update(visible=False), None, ui.runs_confirm_row).then(
+        friendly(runs_tab.delete_run), ui.runs_pick, ui.runs_status).then(**refresh_runs)
+    ui.adapter_upload.upload(friendly(runs_tab.upload_adapter), [ui.adapter_upload, ui.chat_model], ui.runs_status)
+
+    # -- chat and compare --
+    refresh_chat = dict(fn=friendly(chat_tab.refresh_adapters), inputs=[ui.chat_model, ui.chat_adapters],
+                        outputs=ui.chat_adapters, show_progress="hidden")
+    refresh_compare = dict(fn=friendly(chat_tab.refresh_adapters), inputs=[ui.chat_model, ui.cmp_adapters],
+                           outputs=ui.cmp_adapters, show_progress="hidden")
+    gr.on([ui.chat_tab.select, ui.chat_model.input], **refresh_chat)
+    gr.on([ui.compare_tab.select, ui.chat_model.input], **refresh_compare)
+    chat_inputs = [ui.chat_input, ui.chatbot, ui.chat_model, ui.chat_mode, ui.chat_adapters, ui.chat_weights,
+                   *ui.chat_settings]
+    gr.on([ui.chat_send.click, ui.chat_input.submit], chat_tab.respond, chat_inputs,
+          [ui.chatbot, ui.chat_input, ui.chat_status], concurrency_id="generate", concurrency_limit=2)
+    ui.chat_undo.click(chat_tab.undo, ui.chatbot, ui.chatbot)
+    ui.chat_clear.click(lambda: ([], ""), None, [ui.chatbot, ui.chat_status])
+    ui.cmp_run.click(friendly(compare_tab.run_compare),
+                     [ui.cmp_prompt, ui.chat_model, ui.cmp_adapters, ui.cmp_base, ui.cmp_mix, ui.cmp_system,
+                      ui.cmp_temperature, ui.cmp_max_tokens, ui.cmp_seed], ui.cmp_out,
+                     concurrency_id="generate", concurrency_limit=2)
+
+
+def chat_with_run(run_id):
+    """From the Runs tab to the Chat tab, with the run's base model and adapter selected."""
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    run = run_store().get(run_id)
+    if not run.adapter_path.is_dir():
+        raise gr.Error(f"Run {run.name} has no final adapter yet (it is {run.status}).")
+    model = run.config.get("model") or "default"
+    choices = adapters.adapter_choices(model)
+    return (gr.update(selected="chat"), model, "adapter", gr.update(choices=choices, value=[f"run:{run.id}"]),
+            f"Chatting with **{run.name}**: send a message.")
 
 
 def launch(demo: gr.Blocks | None = None, **kwargs):

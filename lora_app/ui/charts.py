@@ -23,6 +23,11 @@ def smooth(values: list[float], weight: float) -> list[float]:
 
 
 def _layout(fig: go.Figure, title: str, ytitle: str = "", log: bool = False) -> go.Figure:
+    if not any(len(trace.x or ()) for trace in fig.data):  # an empty chart says why instead of showing bare axes
+        fig.add_annotation(text="no data yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                           font=dict(size=14, color="#94a3b8"))
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
     fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=14)), height=HEIGHT,
                       margin=dict(l=55, r=15, t=36, b=36), xaxis_title="step", yaxis_title=ytitle,
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1, font=dict(size=11)),

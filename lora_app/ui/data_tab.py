@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def import_dataset(path: str | None) -> str | None:
         shutil.copyfile(source, tmp)
         tmp.replace(target)
     return str(target)
+
+
+def dataset_label(path: str | None) -> str:
+    """The file name the user knows: stored copies carry a 12-character content hash prefix."""
+    if not path:
+        return ""
+    name = Path(path).name
+    return name[13:] if re.match(r"^[0-9a-f]{12}-", name) else name
 
 
 def parse_mapping(text: str | None) -> dict[str, str] | None:
@@ -157,6 +166,6 @@ def build(ui) -> None:
                                                   info="auto: the tokenizer's own template, else alpaca")
                 ui.form["train_on_prompt"] = gr.Checkbox(label="Train on prompts too (not only the assistant's turns)")
         with gr.Column(scale=3, min_width=400):
-            ui.length_plot = gr.Plot(label="Token lengths", elem_id="length-plot")
+            ui.length_plot = gr.Plot(label="Token lengths", elem_id="length-plot", show_label=False)
     ui.preview_status = gr.Markdown("", elem_id="preview-status")
     ui.preview_html = gr.HTML("", elem_id="data-preview", max_height=520)

@@ -13,23 +13,30 @@ from pathlib import Path
 import gradio as gr
 
 from lora_app.ui.common import UserError, fmt_bytes, fmt_count, friendly, model_config_for
+from lora_app.ui.data_tab import dataset_label
 from lora_app.ui.form import FIELDS, cli_command, config_from_values, default_config, form_values
 
 MODEL_CHOICES = ["default"]
 
 
-@functools.lru_cache(maxsize=8)
-def model_layers(model: str) -> tuple[list[str], list[str], str]:
-    """(adaptable module names, the architecture's default targets, a one-line description)."""
+@functools.lru_cache(maxsize=4)
+def meta_model(model: str):
+    """The architecture without weights (meta device): layer names and parameter counts for free."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config_for(model))
+
+
+@functools.lru_cache(maxsize=8)
+def model_layers(model: str) -> tuple[list[str], list[str], str]:
+    """(adaptable module names, the architecture's default targets, a one-line description)."""
     from lora_app.lora import DEFAULT_TARGETS, resolve_targets
     from lora_app.lora.targets import leaf_names
 
     config = model_config_for(model)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
+    meta = meta_model(model)
     names = leaf_names(resolve_targets(meta, "all-linear"))  # what all-linear adapts: no output head
     defaults = [n for n in DEFAULT_TARGETS.get(config.model_type, names) if n in names] or names
     params = sum(p.numel() for p in meta.parameters())
@@ -81,6 +88,9 @@ def estimate_text(config) -> str:
     problems = [p for p in config.problems() if not p.startswith(("no training data", "no output folder"))]
     if problems:
         return "**Fix these settings:**\n" + "\n".join(f"- {p}" for p in problems)
+    from lora_app.lora import resolve_targets
+
+    resolve_targets(meta_model(config.model), config.targets)  # the estimate would guess; say what matches instead
     e = _estimate(config.model, tuple(sorted((k, v) for k, v in config.to_dict().items() if k not in ("data", "output"))))
     share = 100 * e["trainable_params"] / max(e["total_params"], 1)
     return (f"**{fmt_count(e['trainable_params'])} trainable parameters** ({share:.2f} % of {fmt_count(e['total_params'])}) · "
@@ -91,7 +101,7 @@ def estimate_text(config) -> str:
 
 @friendly
 def summarize(data_path, *values):
-    """(estimate markdown, CLI command) for the form as it stands."""
+    """(estimate markdown, CLI command, one-line run summary for the Train tab) for the form as it stands."""
     config = config_from_values(dict(zip(FIELDS, values)))
     config.data = data_path or "DATASET"
     try:
@@ -100,7 +110,17 @@ def summarize(data_path, *values):
         from lora_app.ui.common import explain
 
         estimate = f"**Cannot estimate:** {explain(err)}"
-    return estimate, f"```bash\n{cli_command(config)} \\\n    --output runs/my-run\n```"
+    return (estimate, f"```bash\n{cli_command(config)} \\\n    --output runs/my-run\n```",
+            run_summary(config, data_path))
+
+
+def run_summary(config, data_path) -> str:
+    """What Start will train, in one line (settings live on the other tabs)."""
+    data = f"**{dataset_label(data_path)}**" if data_path else "**no dataset yet** (Data tab)"
+    length = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs:g} epochs"
+    return (f"Dataset {data} · model **{config.model}** · {config.variant} r={config.rank} α={config.alpha:g} · "
+            f"{length} · batch {config.batch_size}×{config.grad_accum} · lr {config.lr:g} · seq {config.seq_len} "
+            "— change these on the Data and Model & LoRA tabs.")
 
 
 @friendly

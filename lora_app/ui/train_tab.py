@@ -11,11 +11,13 @@ import html
 import json
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 
 from lora_app.ui import charts
-from lora_app.ui.common import UserError, fmt_bytes, fmt_seconds, friendly, model_config_for, run_store
+from lora_app.ui.common import UserError, expected_errors, fmt_seconds, model_config_for, run_store
+from lora_app.ui.data_tab import dataset_label
 from lora_app.ui.form import FIELDS, config_from_values
 
 POLL_SECONDS = 2.0
@@ -43,7 +45,18 @@ def default_run(runs):
 
 
 def start_run(name, data_path, *values):
-    """Submit a run; (status markdown, watched-run dropdown update). Double clicks start one run."""
+    """Submit a run; (status markdown, watched-run dropdown update). Double clicks start one run.
+    Problems with the settings come back as the status text (all of them at once), not as a toast."""
+    try:
+        return _start(name, data_path, values)
+    except expected_errors() as err:
+        text = str(err)
+        if text.startswith("Cannot start training:"):
+            text = text.split(":", 1)[1].strip()
+        return f"**Cannot start training:**\n\n{text}", gr.skip()
+
+
+def _start(name, data_path, values):
     from lora_app.training import worker
     from lora_app.training.trainer import check_model_limits
 
@@ -53,9 +66,9 @@ def start_run(name, data_path, *values):
     config.data = data_path
     problems = [p for p in config.problems() if not p.startswith("no output folder")]
     if problems:
-        return "**Cannot start training:**\n" + "\n".join(f"- {p}" for p in problems), gr.skip()
+        raise UserError("\n".join(f"- {p}" for p in problems))
     check_model_limits(config, model_config_for(config.model))
-    name = (name or "").strip() or None
+    name = (name or "").strip() or default_name(config)
     fingerprint = json.dumps({**config.to_dict(), "name": name}, sort_keys=True, default=str)
     store = run_store()
     with _submit_lock:  # the check and the submit are one step, or two quick clicks both get through
@@ -71,6 +84,12 @@ def start_run(name, data_path, *values):
     return f"Started **{run.name}**. {where}".strip(), _watch(store, run.id)
 
 
+def default_name(config) -> str:
+    """A readable run name: dataset, variant and rank, and the time (stored datasets carry a hash prefix)."""
+    stem = Path(dataset_label(config.data)).stem
+    return f"{stem}-{config.variant}-r{config.rank}-{time.strftime('%m%d-%H%M%S')}"
+
+
 def _busy(store, run) -> bool:
     return any(r.status == "running" and r.device == run.device and r.id != run.id for r in store.list())
 
@@ -84,6 +103,9 @@ def cancel_run(run_id):
 
     if not run_id:
         raise UserError("Pick a run to cancel.")
+    before = run_store().get(run_id)
+    if before.status not in ("queued", "running"):
+        return f"**{before.name}** is {before.status}; there is nothing to cancel."
     run = worker.cancel(run_id, run_store())
     if run.status == "cancelled":
         return f"Cancelled **{run.name}** before it started."
@@ -101,17 +123,20 @@ def resume_run(run_id):
     return f"Resuming **{run.name}** from its last checkpoint."
 
 
-def progress_html(run, metrics: list[dict]) -> str:
-    """Status, a progress bar with step / ETA, and the latest numbers of ``run``."""
+def progress_html(run, metrics: list[dict], device_busy: bool = False) -> str:
+    """Status, a progress bar with step / ETA, and the latest numbers of ``run`` (``device_busy``:
+    another job holds its device, so a queued run is waiting rather than starting)."""
     if run is None:
         return "<div class='lora-progress'>No runs yet: start one above.</div>"
     total = run.total_steps or (run.config or {}).get("max_steps") or 0
-    fraction = min(run.step / total, 1.0) if total else 0.0
+    # the store's step comes with the heartbeat (every few seconds); metrics and the summary are fresher
+    step = max([run.step, (run.summary or {}).get("steps") or 0] + [m["step"] for m in metrics[-1:]])
+    fraction = min(step / total, 1.0) if total else 0.0
     if run.status == "completed":
         fraction = 1.0
     last = next((m for m in reversed(metrics) if "loss" in m), {})
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
-    facts = [f"step {run.step}/{total or '?'}"]
+    facts = [f"step {step}/{total or '?'}"]
     if run.status == "running":
         if last.get("eta") is not None:
             facts.append(f"ETA {fmt_seconds(last['eta'])}")
@@ -126,12 +151,12 @@ def progress_html(run, metrics: list[dict]) -> str:
     if last.get("tokens_per_second"):
         facts.append(f"{last['tokens_per_second']:.0f} tokens/s")
     if run.status == "queued":
-        facts.append("waiting for the device")
+        facts.append("waiting for the running job to finish" if device_busy else "starting…")
     if run.cancel_requested and run.status == "running":
         facts.append("stopping…")
     error = f"<pre class='lora-error'>{html.escape(run.error)}</pre>" if run.error and run.status == "failed" else ""
     note = f"<p>{html.escape(run.error)}</p>" if run.error and run.status == "cancelled" else ""
-    return (f"<div class='lora-progress' data-status='{run.status}' data-step='{run.step}'>"
+    return (f"<div class='lora-progress' data-status='{run.status}' data-step='{step}'>"
             f"<div class='lora-progress-head'><b>{html.escape(run.name)}</b>"
             f"<span class='lora-status lora-status-{run.status}'>{run.status}</span>"
             f"<span>{' · '.join(html.escape(f) for f in facts)}</span></div>"
@@ -179,7 +204,8 @@ def poll(run_id, smoothing, log_scale, seen):
         figures = figures_for(run, metrics, smoothing, log_scale)
         log_out = worker.log_tail(run, 40) if run else ""
     new_seen = {"listing": listing, "queue": queue, "key": key}
-    return (progress_html(run, metrics), *figures, queue_out, log_out, picker, new_seen)
+    busy = bool(run) and any(r.status == "running" and r.device == run.device and r.id != run.id for r in runs)
+    return (progress_html(run, metrics, busy), *figures, queue_out, log_out, picker, new_seen)
 
 
 def figures_for(run, metrics, smoothing=0.6, log_scale=False):
@@ -198,8 +224,9 @@ def on_load():
 
 
 def build(ui) -> None:
-    with gr.Row(equal_height=True):
-        ui.run_name = gr.Textbox(label="Run name (optional)", placeholder="captain-byte-r16", scale=3)
+    ui.train_summary = gr.Markdown(elem_id="train-summary")
+    with gr.Row(elem_classes="lora-start-row"):
+        ui.run_name = gr.Textbox(placeholder="Run name (optional)", show_label=False, scale=3, container=False)
         ui.start = gr.Button("Start training", variant="primary", scale=1, elem_id="start-training")
         ui.cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="cancel-run")
         ui.resume = gr.Button("Resume", scale=1, elem_id="resume-run")

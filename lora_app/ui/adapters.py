@@ -1,0 +1,131 @@
+"""The adapters Chat, Compare and Runs offer, and the one inference engine they share.
+
+A choice is ``run:<run id>`` (a finished run's adapter, loaded on first use) or ``name:<adapter>``
+(an adapter uploaded into the engine). Resolving a choice loads it into the engine's RAM cache once;
+after that, switching to it is a pointer change (see ``lora_app.inference``).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+from lora_app.ui.common import UserError, run_store
+
+_engine = None
+_engine_lock = threading.Lock()
+
+
+def engine():
+    """The process-wide inference engine (one base model in memory, shared by every browser session)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            from lora_app.inference import InferenceEngine
+
+            _engine = InferenceEngine()
+        return _engine
+
+
+def gpu_busy() -> bool:
+    """True while a training job runs on a GPU: chat then runs on the CPU so it never competes with it."""
+    return any(r.status == "running" and r.device.startswith("cuda") for r in run_store().list())
+
+
+def base_for(model: str | None, quantization: str | None = None):
+    """The loaded base model for chat/compare (loaded on first use, then reused)."""
+    return engine().base((model or "default").strip(), quantization, gpu_busy=gpu_busy())
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    def norm(m):
+        m = (m or "default").strip()
+        path = Path(m).expanduser()
+        return str(path.resolve()) if m != "default" and path.exists() else m
+
+    return norm(a) == norm(b)
+
+
+def adapter_choices(model: str | None) -> list[tuple[str, str]]:
+    """(label, value) for every adapter usable on ``model``: finished runs first, then uploads."""
+    choices = []
+    for run in run_store().list():
+        if run.status == "completed" and same_model(run.config.get("model"), model) and run.adapter_path.is_dir():
+            choices.append((run.name, f"run:{run.id}"))
+    run_folders = {str(r.adapter_path.resolve()) for r in run_store().list()}
+    eng = engine()
+    for key in eng.loaded():
+        if same_model(key.model, model):
+            for info in eng.base(key.model, key.quantization, device=key.device).adapters():
+                if str(Path(info.folder).resolve()) not in run_folders:
+                    choices.append((f"{info.name} (uploaded)", f"name:{info.name}"))
+    return choices
+
+
+def adapter_name(run) -> str:
+    """The engine name for a run's adapter: the run's name, made acceptable (no dots)."""
+    return re.sub(r"[^A-Za-z0-9_\-]+", "_", run.name).strip("_") or "adapter"
+
+
+def resolve(base, choice: str) -> str:
+    """The engine's adapter name for a choice, loading a run's adapter the first time."""
+    from lora_app.inference import InferenceError
+
+    kind, _, value = (choice or "").partition(":")
+    if kind == "name":
+        return value
+    if kind != "run":
+        raise UserError(f"Unknown adapter {choice!r}.")
+    try:
+        run = run_store().get(value)
+    except KeyError:
+        raise UserError("That run was deleted; pick another adapter.") from None
+    if not run.adapter_path.is_dir():
+        raise UserError(f"Run {run.name} has no final adapter (it is {run.status}).")
+    try:
+        return base.load_adapter(run.adapter_path, name=adapter_name(run))
+    except InferenceError as err:
+        if "already loaded" not in str(err):
+            raise
+        return base.load_adapter(run.adapter_path, name=f"{adapter_name(run)}-{run.id[-6:]}")
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    """Mixing weights from "0.7, 0.3"; empty means 1 for each adapter (the LoRA core's plain sum)."""
+    text = (text or "").strip()
+    if not text:
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in re.split(r"[,\s;]+", text) if w]
+    except ValueError:
+        raise UserError(f"Cannot read the mixing weights {text!r}: write numbers such as 0.7, 0.3.") from None
+    if len(weights) != count:
+        raise UserError(f"{len(weights)} weights for {count} adapters: give one weight per chosen adapter.")
+    return weights
+
+
+MODES = ["base", "adapter", "mix", "merged"]
+MODE_LABELS = [("Base model", "base"), ("One adapter", "adapter"), ("Weighted mix", "mix"), ("Merged", "merged")]
+
+
+def mode_for(base, kind: str, choices: list[str] | None, weights_text: str | None = None):
+    """The engine ``Mode`` for the chat's mode selector."""
+    from lora_app.inference import Mode
+
+    choices = list(choices or [])
+    if kind == "base":
+        return Mode.base()
+    if not choices:
+        raise UserError("Choose an adapter first (finish a training run, or upload one in Runs & adapters).")
+    if kind == "adapter":
+        if len(choices) > 1:
+            raise UserError("'One adapter' uses a single adapter: keep one selected, or pick 'Weighted mix'.")
+        return Mode.adapter(resolve(base, choices[0]))
+    names = [resolve(base, c) for c in choices]
+    weights = dict(zip(names, parse_weights(weights_text, len(names))))
+    if kind == "mix":
+        return Mode.mix(weights)
+    if kind == "merged":
+        return Mode.merged_of(weights)
+    raise UserError(f"Unknown mode {kind!r}.")

@@ -1,0 +1,202 @@
+"""Runs & adapters tab: every run with its status and final numbers, a config diff between two runs,
+and what to do with an adapter: chat with it, download it, export a merged model, delete the run,
+or bring in an adapter trained elsewhere."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from lora_app.ui import adapters
+from lora_app.ui.common import UserError, fmt_bytes, fmt_count, fmt_seconds, run_store
+
+HEADERS = ["run", "status", "model", "variant · rank", "steps", "final loss", "eval loss", "tokens/s", "time",
+           "created"]
+
+
+def _num(value, digits=4):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def runs_table(runs=None) -> list[list]:
+    runs = run_store().list() if runs is None else runs
+    rows = []
+    for r in runs:
+        s, c = r.summary or {}, r.config or {}
+        rows.append([r.name, r.status, _model_label(c.get("model")), f"{c.get('variant', '?')} · r{c.get('rank', '?')}",
+                     f"{s.get('steps') or r.step}/{r.total_steps or '?'}", _num(s.get("final_loss")), _num(s.get("eval_loss")),
+                     _num(s.get("useful_tokens_per_second"), 0), fmt_seconds(s.get("wall_seconds")) if s else "–",
+                     time.strftime("%m-%d %H:%M", time.localtime(r.created))])
+    return rows
+
+
+def _model_label(model) -> str:
+    model = model or "default"
+    return Path(model).name if "/" in model and Path(model).exists() else model
+
+
+def run_choices(runs=None) -> list[tuple[str, str]]:
+    runs = run_store().list() if runs is None else runs
+    return [(f"{r.name} · {r.status}", r.id) for r in runs]
+
+
+def config_diff(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    """(setting, a's value, b's value) for every setting that differs, in TrainConfig order."""
+    keys = list(a) + [k for k in b if k not in a]
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k) and k not in ("output", "resume")]
+
+
+def run_details(run_id, other_id=None) -> str:
+    """Markdown: what the run is, how it went, and how its settings differ from another run's (or the
+    CLI defaults when no other run is picked)."""
+    from lora_app.training.config import TrainConfig
+
+    if not run_id:
+        return "Pick a run to see its details."
+    store = run_store()
+    try:
+        run = store.get(run_id)
+    except KeyError:
+        return "That run no longer exists."
+    s = run.summary or {}
+    lines = [f"### {run.name} — {run.status}", f"Folder: `{run.output}`"]
+    if s:
+        lines.append(f"Final loss **{_num(s.get('final_loss'))}** · eval loss **{_num(s.get('eval_loss'))}** · "
+                     f"{s.get('steps')} steps · {fmt_count(s.get('train_tokens'))} trained tokens · "
+                     f"{_num(s.get('useful_tokens_per_second'), 0)} tokens/s · {fmt_seconds(s.get('wall_seconds'))} · "
+                     f"peak memory {fmt_bytes(s.get('peak_memory_bytes'))} (estimate {fmt_bytes(s.get('memory_estimate_bytes'))}) · "
+                     f"{fmt_count(s.get('trainable_params'))} trainable parameters")
+    if run.error:
+        lines.append(f"```\n{run.error.strip()[-1500:]}\n```")
+    if other_id and other_id != run_id:
+        try:
+            other = store.get(other_id)
+        except KeyError:
+            other = None
+        base, base_label = (other.config, other.name) if other else (TrainConfig().to_dict(), "defaults")
+    else:
+        base, base_label = TrainConfig().to_dict(), "CLI defaults"
+    diff = config_diff(run.config or {}, base)
+    if diff:
+        table = [f"| setting | {run.name} | {base_label} |", "|---|---|---|"]
+        table += [f"| {k} | {_cell(v)} | {_cell(w)} |" for k, v, w in diff]
+        lines += [f"**Settings that differ from {base_label}:**", "\n".join(table)]
+    else:
+        lines.append(f"Same settings as {base_label}.")
+    return "\n\n".join(lines)
+
+
+def _cell(value) -> str:
+    text = "–" if value is None else str(value)
+    if len(text) > 60:
+        text = "…" + text[-57:]
+    return text.replace("|", "\\|")
+
+
+def _get(run_id):
+    if not run_id:
+        raise UserError("Pick a run first.")
+    try:
+        return run_store().get(run_id)
+    except KeyError:
+        raise UserError("That run no longer exists.") from None
+
+
+def _adapter_of(run_id):
+    run = _get(run_id)
+    if not run.adapter_path.is_dir():
+        raise UserError(f"Run {run.name} has no final adapter yet (it is {run.status}).")
+    return run
+
+
+def zip_run(run_id) -> str:
+    """The run's adapter as a zip (standard layout: loads in peft, vLLM, TGI and here)."""
+    from lora_app.inference import zip_adapter
+
+    run = _adapter_of(run_id)
+    return str(zip_adapter(run.adapter_path, Path(run.output) / f"{adapters.adapter_name(run)}-adapter.zip",
+                           overwrite=True))
+
+
+def export_merged(run_id) -> str:
+    """Write the base model with the run's adapter merged in, as a plain transformers folder."""
+    run = _adapter_of(run_id)
+    folder = Path(run.output) / "merged"
+    if folder.exists() and any(folder.iterdir()):
+        return f"A merged model already exists in `{folder}`."
+    base = adapters.base_for(run.config.get("model"), None)
+    name = adapters.resolve(base, f"run:{run.id}")
+    path = base.export_merged(folder, adapters=name)
+    return (f"Merged model written to `{path}`: load it with "
+            f"`AutoModelForCausalLM.from_pretrained(\"{path}\")`, no adapter needed.")
+
+
+def ask_delete(run_id):
+    """First click: show the confirmation row (deleting is not undoable)."""
+    run = _get(run_id)
+    if run.status in ("queued", "running"):
+        raise UserError(f"Run {run.name} is {run.status}: cancel it first.")
+    return gr.update(visible=True), f"Delete **{run.name}** and its folder? This cannot be undone."
+
+
+def delete_run(run_id):
+    """Forget the run and remove its folder when it lives in the runs folder (a CLI run's own
+    --output folder is left on disk: it is the user's)."""
+    run = _get(run_id)
+    if run.status in ("queued", "running"):
+        raise UserError(f"Run {run.name} is {run.status}: cancel it first.")
+    store = run_store()
+    store.delete(run.id)
+    output = Path(run.output)
+    inside = output.resolve().is_relative_to(store.root.resolve())
+    if inside and output.is_dir():
+        shutil.rmtree(output, ignore_errors=True)
+    kept = "" if inside else f" Its folder `{output}` was left on disk."
+    return f"Deleted **{run.name}**.{kept}"
+
+
+def upload_adapter(path, model) -> str:
+    """Load an adapter zip (or a run/adapter folder path) onto the chat model; returns a message."""
+    if not path:
+        raise UserError("Choose an adapter .zip first (adapter_config.json + adapter_model.safetensors).")
+    base = adapters.base_for(model, None)
+    name = base.load_adapter(path)
+    return f"Loaded adapter **{name}** onto `{model or 'default'}`: pick it in Chat or Compare."
+
+
+def refresh(selected, other):
+    runs = run_store().list()
+    choices = run_choices(runs)
+    ids = {c[1] for c in choices}
+    selected = selected if selected in ids else (choices[0][1] if choices else None)
+    other = other if other in ids else None
+    return (runs_table(runs), gr.update(choices=choices, value=selected), gr.update(choices=choices, value=other),
+            run_details(selected, other))
+
+
+def build(ui) -> None:
+    with gr.Row():
+        ui.runs_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
+    ui.runs_table = gr.Dataframe(headers=HEADERS, value=[], interactive=False, elem_id="runs-table", max_height=280,
+                                 show_search="search")
+    with gr.Row(equal_height=True):
+        ui.runs_pick = gr.Dropdown([], label="Run", scale=2, elem_id="runs-pick")
+        ui.runs_other = gr.Dropdown([], label="Compare settings with", info="empty: the CLI defaults", scale=2)
+    with gr.Row():
+        ui.runs_chat = gr.Button("Chat with this adapter", variant="primary", size="sm")
+        ui.runs_zip = gr.Button("Download adapter (.zip)", size="sm")
+        ui.runs_merge = gr.Button("Export merged model", size="sm")
+        ui.runs_delete = gr.Button("Delete…", variant="stop", size="sm")
+    with gr.Row(visible=False) as ui.runs_confirm_row:
+        ui.runs_confirm = gr.Button("Yes, delete it", variant="stop", size="sm")
+        ui.runs_keep = gr.Button("Keep it", size="sm")
+    ui.runs_status = gr.Markdown(elem_id="runs-status")
+    ui.runs_file = gr.File(label="Adapter zip", visible=False)
+    ui.runs_details = gr.Markdown(elem_id="run-details")
+    with gr.Accordion("Upload an adapter trained elsewhere", open=False):
+        gr.Markdown("A .zip holding `adapter_config.json` and `adapter_model.safetensors` (peft's layout). It is "
+                    "loaded onto the model chosen in the Chat tab.")
+        ui.adapter_upload = gr.File(label="Adapter .zip", file_types=[".zip"], height=120)
