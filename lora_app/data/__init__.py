@@ -50,7 +50,8 @@ Options
   preview of a big file).
 
 ``DEMO_DATASET`` is the demo dataset shipped with the app (``assets/demo_captain_byte.jsonl``): a
-pirate persona, Captain Byte, whose answers start with "Arr, matey!" and end with his signature.
+pirate persona, Captain Byte, whose answers start with "Arr, matey!" and end with his signature line
+"-- Captain Byte" (OpenAI messages, one conversation per line).
 """
 
 from pathlib import Path

@@ -174,7 +174,8 @@ def _columns(rows) -> list[str]:
 
 def _no_usable_rows(report: DataReport) -> str:
     reasons = "; ".join(report.skipped_lines()) or "none"
-    return f"No usable rows in {report.source}: {report.rows_read} rows read, none can be trained on. Skipped: {reasons}."
+    read = f"{report.rows_read} row{'s' if report.rows_read != 1 else ''} read"
+    return f"No usable rows in {report.source}: {read}, none can be trained on. Skipped: {reasons}."
 
 
 def _display_name(source: str | os.PathLike) -> str:

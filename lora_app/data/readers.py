@@ -17,7 +17,8 @@ Formats (picked by file extension; Parquet also by content):
 * ``.jsonl`` / ``.ndjson``: one JSON value per line; a line that is not valid JSON is skipped and
   counted, with its line and column.
 * ``.csv`` / ``.tsv``: a header row, then one row per record. The CSV delimiter (``, ; tab |``) is
-  sniffed; a UTF-8 byte-order mark (as Excel writes) is removed.
+  the one that splits the header and the first records alike; a UTF-8 byte-order mark (as Excel
+  writes) is removed.
 * ``.parquet``: read in batches of rows.
 * ``.txt``: raw text for continued pre-training. ``txt_split="blank_line"`` (default): documents
   are separated by one or more blank lines, so a paragraph or an article is one example;
@@ -28,6 +29,7 @@ Formats (picked by file extension; Parquet also by content):
 """
 
 import csv
+import io
 import json
 import os
 import re
@@ -165,12 +167,26 @@ def _read_csv(fh: TextIO, name: str, delimiter: str | None) -> Iterator[Record]:
 
 
 def _sniff_delimiter(sample: str) -> str:
-    """The delimiter of a CSV sample; ``,`` when the sniffer cannot tell (a one-column file)."""
+    """The delimiter of a CSV sample; ``,`` when none splits the header (a one-column file).
+
+    Each candidate is tried with the CSV parser itself, so quoted fields holding other delimiters,
+    quotes or line breaks are read right (``csv.Sniffer`` guesses from quote patterns and picks ``,``
+    for a ``;`` file with ``"a ""quoted"", text"`` in it). The winner splits the header into two
+    or more columns and the most records into as many columns as the header; ties go to the one
+    giving more columns.
+    """
     complete_lines = sample[: sample.rfind("\n") + 1] or sample
-    try:
-        return csv.Sniffer().sniff(complete_lines, delimiters=_CSV_DELIMITERS).delimiter
-    except csv.Error:
-        return ","
+    best, best_score = ",", (0, 0)
+    for delimiter in _CSV_DELIMITERS:
+        try:
+            records = [r for r in csv.reader(io.StringIO(complete_lines), delimiter=delimiter) if r]
+        except csv.Error:
+            continue
+        width = len(records[0]) if records else 0
+        score = (sum(len(r) == width for r in records[1:]), width)
+        if width > 1 and score > best_score:
+            best, best_score = delimiter, score
+    return best
 
 
 def _read_txt(fh: TextIO, split: str) -> Iterator[Record]:

@@ -34,6 +34,10 @@ _BOMS = [  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
 _FALLBACK_ENCODINGS = ["cp1252", "latin-1"]
 
 PARQUET_MAGIC = b"PAR1"
+# Control bytes that never occur in text (everything below 0x20 except \b \t \n \f \r ESC, and
+# DEL); more than this share of them in a file's head means it is binary.
+_BINARY_CONTROLS = bytes(c for c in [*range(0x20), 0x7F] if c not in b"\b\t\n\f\r\x1b")
+BINARY_CONTROL_SHARE = 0.05
 
 
 def human_size(n: int) -> str:
@@ -87,9 +91,10 @@ def detect_text_encoding(path: Path, head: bytes) -> tuple[str, str | None]:
     for magic, what in _MAGIC:
         if head.startswith(magic):
             raise DataError(f"{path.name} is {what}.")
-    if b"\x00" in head:
+    why = _binary_evidence(head)
+    if why:
         raise DataError(
-            f"{path.name} looks like a binary file (it contains NUL bytes), not text. "
+            f"{path.name} looks like a binary file ({why}), not text. "
             "Datasets must be JSON, JSON Lines, CSV/TSV, Parquet or plain text."
         )
     bad_line = _first_undecodable_line(path, "utf-8")
@@ -103,6 +108,20 @@ def detect_text_encoding(path: Path, head: bytes) -> tuple[str, str | None]:
                 f"{name}. Check accented characters in the preview, or save the file as UTF-8."
             )
     raise AssertionError("latin-1 decodes every byte")
+
+
+def _binary_evidence(head: bytes) -> str | None:
+    """Why ``head`` cannot be the start of a text file, or ``None`` if it can.
+
+    Text never holds NUL bytes, and hardly any other control characters (tab, line breaks, form
+    feed and escape aside) in any 8-bit or UTF-8 encoding; a file where they are common is binary.
+    """
+    if b"\x00" in head:
+        return "it contains NUL bytes"
+    controls = len(head) - len(head.translate(None, _BINARY_CONTROLS))
+    if controls > BINARY_CONTROL_SHARE * len(head):
+        return f"{controls} of its first {len(head)} bytes are control characters"
+    return None
 
 
 def _first_undecodable_line(path: Path, encoding: str) -> int | None:
