@@ -11,6 +11,7 @@ import gradio as gr
 
 from lora_app.ui import adapters
 from lora_app.ui.common import explain
+from lora_app.ui.form import start_model
 
 SETTINGS = ("system", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
 
@@ -88,7 +89,7 @@ def build(ui) -> None:
                 ui.chat_undo = gr.Button("Undo last", size="sm")
                 ui.chat_clear = gr.Button("Clear", size="sm")
         with gr.Column(scale=2):
-            ui.chat_model = gr.Dropdown(["default"], value="default", allow_custom_value=True, label="Base model",
+            ui.chat_model = gr.Dropdown(["default"], value=start_model(), allow_custom_value=True, label="Base model",
                                         info="the model the adapters were trained on")
             ui.chat_mode = gr.Radio(adapters.MODE_LABELS, value="base", label="Mode", elem_id="chat-mode",
                                     info="switch any time; the conversation stays")

@@ -7,6 +7,7 @@ what the trainer wants (None, a comma list). Nothing here touches Gradio, so it 
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import fields
 
@@ -31,8 +32,14 @@ _OPTIONAL = {"max_steps", "lora_plus_ratio"}  # 0 on the page means "not set"
 _AUTO = {"data_format", "template"}           # "auto" on the page means None
 
 
+def start_model() -> str:
+    """The model the page starts with: ``LORA_APP_MODEL`` (e.g. a Hub id on a GPU Space), else the
+    embedded default."""
+    return os.environ.get("LORA_APP_MODEL") or "default"
+
+
 def default_config() -> TrainConfig:
-    return TrainConfig(**UI_DEFAULTS)
+    return TrainConfig(**UI_DEFAULTS, model=start_model())
 
 
 def form_values(config: TrainConfig) -> dict:

@@ -1,0 +1,158 @@
+"""End to end in a real headless Chromium: upload a dataset, train a short run on a tiny model, watch
+the loss chart grow, reload the page and find the run again, then chat with the trained adapter.
+
+The app runs as `python app.py` in a subprocess (as a user starts it), with its own home, run store
+and a free port; LORA_APP_MODEL makes the page start on a tiny local model so the run takes seconds.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import save_tiny
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, process, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the app did not answer at {url} within {timeout} s")
+
+
+@pytest.fixture
+def studio(tmp_path):
+    model = save_tiny("llama", tmp_path / "tiny-llama")
+    home = tmp_path / "home"
+    port = free_port()
+    env = {**os.environ, "LORA_APP_HOME": str(home), "LORA_APP_RUNS": str(home / "runs"), "HF_HUB_OFFLINE": "1",
+           "LORA_APP_MODEL": str(model), "PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "app.log", "wb")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_server(url, process)
+        yield url, home
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        # a worker still training (a failed test) must not outlive the test
+        from lora_app.training.store import RunStore
+        from lora_app.training.worker import _kill
+
+        for run in RunStore(home / "runs").list():
+            if run.status in ("queued", "running"):
+                _kill(run.pid)
+        print((tmp_path / "app.log").read_text()[-3000:])
+
+
+def loss_points(page) -> int:
+    return page.evaluate("""() => {
+        const plot = document.querySelector('#loss-chart .js-plotly-plot');
+        return plot && plot.data && plot.data.length ? plot.data[0].x.length : 0; }""")
+
+
+def test_upload_train_reload_and_chat(studio, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, home = studio
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Arr, matey! Answer {i}."}]} for i in range(40)]
+    data = tmp_path / "pirate.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    shots = tmp_path / "shots"
+    shots.mkdir()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+
+        # 1. data: upload, detected format and the preview
+        page.set_input_files("#data-file input[type=file]", str(data))
+        expect(page.locator("#preview-status")).to_contain_text("openai format · 38 training rows · 2 validation rows")
+        expect(page.locator("#data-preview mark").first).to_be_visible()
+        page.screenshot(path=shots / "1-data.png")
+
+        # 2. settings: a short run that fits the tiny model's 128 positions
+        page.get_by_role("tab", name="2 · Model & LoRA").click()
+        expect(page.locator("#estimate")).to_contain_text("trainable parameters")
+        for label, value in (("Sequence length", 96), ("Max steps (0 = use epochs)", 12), ("Validation fraction", 0.1),
+                             ("Eval every (steps, 0 = end)", 4)):
+            box = page.get_by_label(label, exact=True)
+            box.fill(str(value))
+            box.press("Tab")
+        page.get_by_text("Save / load settings and the equivalent command").click()
+        expect(page.locator("#cli-command")).to_contain_text("--max-steps 12", timeout=30_000)
+
+        # 3. train: a double click starts one run; the loss chart gains points
+        page.get_by_role("tab", name="3 · Train").click()
+        expect(page.locator("#train-summary")).to_contain_text("12 steps")
+        page.locator("#start-training").dblclick()
+        expect(page.locator("#train-status")).to_contain_text("Started")
+        page.wait_for_function("""() => {
+            const plot = document.querySelector('#loss-chart .js-plotly-plot');
+            return plot && plot.data && plot.data.length && plot.data[0].x.length >= 2; }""", timeout=150_000)
+        page.screenshot(path=shots / "3-training.png")
+        from lora_app.training.store import RunStore
+
+        runs = RunStore(home / "runs").list()
+        assert len(runs) == 1, [r.name for r in runs]
+        name = runs[0].name
+
+        # 4. reload: the page re-attaches to the run and follows it to the end
+        page.reload()
+        page.get_by_role("tab", name="3 · Train").click()
+        expect(page.locator("#run-progress")).to_contain_text(name)
+        expect(page.locator("#run-progress .lora-progress")).to_have_attribute("data-status", "completed",
+                                                                                timeout=150_000)
+        page.wait_for_function("() => document.querySelector('#loss-chart .js-plotly-plot')?.data?.[0]?.x?.length >= 12")
+        page.screenshot(path=shots / "4-reloaded.png")
+
+        # 5. chat with the trained adapter, from the Runs tab
+        page.get_by_role("tab", name="4 · Runs & adapters").click()
+        expect(page.locator("#runs-table")).to_contain_text("completed")
+        page.get_by_role("button", name="Chat with this adapter").click()
+        expect(page.locator("#chat-status")).to_contain_text("Chatting with")
+        page.locator("#chat-input textarea").fill("Who are you?")
+        page.locator("#chat-input textarea").press("Enter")
+        expect(page.locator("#chat-status")).to_contain_text("tokens/s", timeout=60_000)
+        expect(page.locator("#chat-status")).to_contain_text(name.replace(".", "_"))
+        expect(page.locator("#chatbot")).to_contain_text("Who are you?")
+        page.screenshot(path=shots / "5-chat.png")
+        browser.close()
+    if os.environ.get("LORA_APP_SHOTS"):  # to look at the layout: LORA_APP_SHOTS=/tmp/shots pytest ...
+        shutil.copytree(shots, os.environ["LORA_APP_SHOTS"], dirs_exist_ok=True)
