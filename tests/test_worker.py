@@ -106,3 +106,17 @@ def test_cli_run_is_registered_and_refuses_to_overwrite(setup, tmp_path):
     second = subprocess.run(command, capture_output=True, text=True)
     assert second.returncode == 2 and "already holds a run" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+def test_the_same_command_runs_data_parallel_under_torchrun(setup, tmp_path):
+    root, model, data = setup
+    command = ["torchrun", "--nproc_per_node", "2", "-m", "lora_app", "train", "--model", model, "--data", data,
+               "--output", str(tmp_path / "ddp"), "--max-steps", "2", "--batch-size", "2", "--seq-len", "64",
+               "--store", str(tmp_path / "store")]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = RunStore(tmp_path / "store").list()  # one run, kept by the main process
+    assert run.status == "completed" and run.summary["steps"] == 2
+    losses = [line.split("loss=")[1].split()[0] for line in out.stdout.splitlines() if line.startswith("step 1/")]
+    assert len(losses) == 2 and losses[0] != losses[1]  # each process trained on its own shard
+    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()

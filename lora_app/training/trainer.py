@@ -29,7 +29,7 @@ from lora_app.training.batches import plan_batches, split_by_tokens
 from lora_app.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig, TrainConfigError
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
-from lora_app.training.memory import estimate_memory, memory_now
+from lora_app.training.memory import estimate_memory, memory_now, return_freed_memory_to_the_os
 
 ADAPTER = "default"
 # On a CPU, activations dominate memory and smaller micro-batches cost no speed: cap them at this many
@@ -138,6 +138,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
 
     cb = callbacks or Callbacks()
     config.validate()
+    return_freed_memory_to_the_os()
     output = check_output(config)
     model_config = load_config(config.model, config.trust_remote_code)
     check_model_limits(config, model_config)
@@ -148,7 +149,9 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
     cb.log(f"data: {data.report.train_rows} training rows, {data.report.val_rows} validation rows "
            f"({data.report.format}, template {data.report.template}, {data.report.truncated} truncated)")
 
-    accelerator = Accelerator(mixed_precision=resolve_precision(config.precision, _device()))
+    # cpu=True without a GPU: torchrun / accelerate launch then give data parallelism over gloo
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.precision, _device()),
+                              cpu=not torch.cuda.is_available())
     device = accelerator.device
     set_seed(config.seed)
     lora = LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
@@ -207,7 +210,9 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
                 for chunk in split_by_tokens(indices, lengths, config.batch_size, token_budget)]
 
     loss_model = CausalLMLoss(model)
-    loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
+    # The scheduler stays unprepared: accelerate would step it once per process, but our step count
+    # is already per process (each process sees its shard of the batches).
+    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
     start_step, train_tokens, elapsed_before = 0, 0, 0.0
     if checkpoint is not None:
@@ -215,8 +220,10 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
         start_step, train_tokens, elapsed_before = state["step"], state["train_tokens"], state["wall_seconds"]
         cb.log(f"resumed from {checkpoint.name} at step {start_step}")
 
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    main = accelerator.is_main_process  # with several processes, one writes the files
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     info = dict(total_steps=total_steps, trainable_params=trainable, total_params=total, estimate=estimate,
                 start_step=start_step, train_rows=data.report.train_rows, val_rows=data.report.val_rows)
     cb.on_start(info)
@@ -237,8 +244,10 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
         return total_loss / max(count, 1)
 
     def checkpoint_now(step: int, wall: float) -> None:
-        save_checkpoint(output / "checkpoints" / f"checkpoint-{step}", model, ADAPTER, optimizer, scheduler,
-                        dict(step=step, train_tokens=train_tokens, wall_seconds=wall))
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(output / "checkpoints" / f"checkpoint-{step}", model, ADAPTER, optimizer, scheduler,
+                            dict(step=step, train_tokens=train_tokens, wall_seconds=wall))
 
     # -- the loop --
     loss_model.train()
@@ -271,6 +280,8 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
         now = time.perf_counter()
         wall = elapsed_before + now - started
         stop = cb.should_stop()
+        if accelerator.num_processes > 1:  # a cancel reaches the main process; every process must stop
+            stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=device), "sum").item())
         if config.eval_every and step % config.eval_every == 0 and step < total_steps:
             eval_loss = evaluate()
         if step % config.log_every == 0 or step == total_steps or stop:
@@ -298,7 +309,9 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
             cb.on_log(step, dict(eval_loss=eval_loss))
         if delta is not None:
             delta.remove()
-        save_adapter(model, ADAPTER, output / "adapter")
+        accelerator.wait_for_everyone()
+        if main:
+            save_adapter(model, ADAPTER, output / "adapter")
     peak = memory_now(device)
     summary = dict(status=status, final_loss=last_loss, eval_loss=eval_loss, steps=step, total_steps=total_steps,
                    train_tokens=train_tokens, useful_tokens_per_second=train_tokens / max(wall, 1e-9),
@@ -306,7 +319,8 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
                    peak_rss_bytes=peak["peak_rss_bytes"], trainable_params=trainable, total_params=total,
                    wall_seconds=wall, memory_estimate_bytes=estimate["total_bytes"], memory_estimate=estimate,
                    precision=accelerator.mixed_precision, device=str(device))
-    _write_json(output / "summary.json", summary)
+    if main:
+        _write_json(output / "summary.json", summary)
     return Outcome(status, summary)
 
 
