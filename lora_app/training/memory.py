@@ -4,7 +4,7 @@ The estimate adds up, for the chosen settings:
 
     weights      parameters x bytes per parameter (4 fp32, 2 bf16/fp16, ~1.03 int8, ~0.56 NF4)
     adapter      trainable parameters x 4 bytes, their gradients (x 4) and AdamW's two moments (x 8)
-    activations  what autograd keeps per token and layer (about 10 hidden-size and 4 intermediate-size
+    activations  what autograd keeps per token and layer (about 16 hidden-size and 6 intermediate-size
                  vectors; one hidden-size vector with gradient checkpointing, plus one layer in full)
                  x batch x sequence length, plus one chunk of fp32 logits for the loss
     runtime      the framework itself (a measured constant)
@@ -21,6 +21,9 @@ import torch
 BYTES_PER_WEIGHT = {"none": None, "8bit": 1.03, "4bit": 0.56}
 RUNTIME_BYTES = {"cpu": 450 * 2**20, "cuda": 600 * 2**20}
 LOSS_CHUNK = 1024
+# On a CPU, activations dominate memory and smaller micro-batches cost no speed: the trainer caps them
+# at this many (padded) tokens by default. On a GPU the batch size alone decides.
+CPU_BATCH_TOKENS = 2048
 
 
 def _count_parameters(model_config) -> int:
@@ -62,10 +65,13 @@ def estimate_memory(config, model_config, lora, device: str | None = None) -> di
     per_weight = BYTES_PER_WEIGHT[config.quantization] or (2 if half and device == "cuda" else 4)
     act_bytes = 2 if half else 4
     tokens = config.batch_size * config.seq_len
+    budget = config.max_batch_tokens if config.max_batch_tokens is not None else (CPU_BATCH_TOKENS if device == "cpu" else 0)
+    if budget:  # micro-batches are cut to the token budget (see trainer.step_batches)
+        tokens = min(tokens, max(budget, config.seq_len))
     if config.gradient_checkpointing:
-        per_token = hidden * layers + 10 * hidden + 4 * inter
+        per_token = hidden * layers + 16 * hidden + 6 * inter
     else:
-        per_token = (10 * hidden + 4 * inter) * layers
+        per_token = (16 * hidden + 6 * inter) * layers
     activations = tokens * per_token * act_bytes + min(tokens, LOSS_CHUNK) * vocab * 4 * 2
     parts = dict(weights_bytes=int(params * per_weight), adapter_bytes=trainable * 4,
                  gradients_bytes=trainable * 4, optimizer_bytes=trainable * 8,

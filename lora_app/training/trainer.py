@@ -29,12 +29,9 @@ from lora_app.training.batches import plan_batches, split_by_tokens
 from lora_app.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig, TrainConfigError
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
-from lora_app.training.memory import estimate_memory, memory_now, return_freed_memory_to_the_os
+from lora_app.training.memory import CPU_BATCH_TOKENS, estimate_memory, memory_now, return_freed_memory_to_the_os
 
 ADAPTER = "default"
-# On a CPU, activations dominate memory and smaller micro-batches cost no speed: cap them at this many
-# (padded) tokens. On a GPU the batch size alone decides.
-DEFAULT_CPU_BATCH_TOKENS = 2048
 RUN_FILES = {"train.log", "config.json"}  # what the worker writes into a run folder before training starts
 
 
@@ -197,7 +194,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     token_budget = config.max_batch_tokens if config.max_batch_tokens is not None else \
-        (DEFAULT_CPU_BATCH_TOKENS if device.type == "cpu" else 0)
+        (CPU_BATCH_TOKENS if device.type == "cpu" else 0)
 
     def step_batches(step: int) -> list[dict]:
         """The collated micro-batches of one optimizer step: its ``grad_accum`` batches, re-cut so
