@@ -328,3 +328,16 @@ def test_lora_core_imports_no_transformers_peft_or_gradio():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft', 'gradio')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_adapters_added_to_an_eval_model_start_in_eval_mode(input_ids):
+    """Dropout must not fire at inference: an adapter loaded for chat gives the same output twice."""
+    from conftest import tiny_model
+    from lora_app.lora import LoraConfig, add_adapter
+
+    model = tiny_model("llama")  # eval mode
+    add_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.5), "mine")
+    for module in model.modules():
+        assert not module.training
+    model.train()
+    assert all(module.training for module in model.modules())

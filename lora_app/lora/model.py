@@ -46,6 +46,7 @@ def _wrap(model: nn.Module, path: str) -> LoraLayer:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     layer = LoraLayer(module)
+    layer.train(module.training)  # a new module starts in training mode; keep the model's mode
     setattr(parent, child, layer)
     return layer
 
@@ -96,6 +97,7 @@ def attach(model: nn.Module, config: LoraConfig, name: str, paths: list[str],
             adapter = cls(*args, device=base.weight.device, base_weight=dequantized_weight(base))
         else:
             adapter = cls(*args, device=base.weight.device)
+        adapter.train(layer.training)  # in an eval-mode model, dropout must stay off
         layer.adapters[name] = adapter
 
 
