@@ -1,21 +1,26 @@
-"""One chat reply through the tokenizer's chat template."""
+"""One chat reply from a model you already hold — the simplest entry point, kept for app.py.
+
+For adapters, modes, streaming to a UI and several sessions at once use ``InferenceEngine``; this
+function is for code that has a ``(model, tokenizer)`` pair and wants one answer.
+"""
 
 from __future__ import annotations
 
-import torch
+from lora_app.inference.prompts import encode_messages, eos_token_ids, normalize_history
+from lora_app.inference.settings import GenerationSettings
+from lora_app.inference.streaming import GenerationStream
 
 
-@torch.no_grad()
 def chat_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0) -> str:
     """The assistant's next turn after ``messages`` (``[{"role": ..., "content": ...}]``).
-    Greedy when ``temperature`` is 0; stops at the tokenizer's EOS."""
-    if not any(m.get("content", "").strip() for m in messages if m.get("role") == "user"):
-        raise ValueError("The prompt is empty: type a message first.")
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True).to(model.device)
-    torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, **sampling)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    Greedy when ``temperature`` is 0; stops at the tokenizer's EOS. An empty prompt raises
+    ``InferenceError`` (a ValueError)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    messages = normalize_history(messages)
+    encode_messages(tokenizer, messages)  # refuse an empty prompt before starting a thread
+
+    def prepare():
+        return encode_messages(tokenizer, messages)
+
+    return GenerationStream(model, tokenizer, prepare, settings, eos_token_ids(model, tokenizer)).text()

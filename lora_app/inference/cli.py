@@ -1,0 +1,209 @@
+"""`python -m lora_app generate ...` and `python -m lora_app export ...`.
+
+generate prints only the completion on stdout (streamed as it is produced), so it composes with
+pipes and scripts; progress bars, warnings and the tokens/s line go to stderr. Any bad input ends
+with one line on stderr and exit code 2, never a traceback.
+
+    python -m lora_app generate --model default --adapter runs/a/adapter --prompt "Hi"
+    python -m lora_app generate --adapter A --adapter B --weights 0.7 0.3 --merge --prompt "Hi"
+    python -m lora_app generate --raw --prompt "Once upon a time" --max-new-tokens 40
+    python -m lora_app export --adapter runs/a/adapter --merged-out merged/ [--push-to-hub me/model]
+    python -m lora_app export --adapter runs/a/adapter --zip-out a.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from lora_app.inference.devices import DEVICE_CHOICES
+from lora_app.inference.errors import InferenceError
+from lora_app.lora import AdapterLoadError, LoraConfigError
+from lora_app.models import DEFAULT_MODEL, ModelLoadError
+
+USER_ERRORS = (InferenceError, ModelLoadError, AdapterLoadError, LoraConfigError)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="'default' (SmolLM2-135M-Instruct, offline), a local folder or a hub id")
+    parser.add_argument("--adapter", action="extend", nargs="+", default=[], metavar="DIR",
+                        help="an adapter folder, a run folder holding one, or a .zip (repeat for a mix)")
+    parser.add_argument("--weights", action="extend", nargs="+", type=float, default=[], metavar="W",
+                        help="mixing weight per --adapter, in order (default 1 each)")
+    parser.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none")
+    parser.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N; use cpu "
+                        "while a training job holds the GPU")
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_app generate",
+                                     description="Generate a reply; prints only the completion on stdout.")
+    _model_arguments(parser)
+    parser.add_argument("--merge", action="store_true", help="merge the adapters into the weights first")
+    parser.add_argument("--prompt", required=True, help="the user message (or text to continue with --raw); "
+                        "'-' reads it from stdin")
+    parser.add_argument("--system", default=None, help="a system prompt (chat mode only)")
+    parser.add_argument("--raw", action="store_true", help="plain text completion, no chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_app export",
+                                     description="Export a merged model folder and/or an adapter zip.")
+    _model_arguments(parser)
+    parser.add_argument("--merged-out", metavar="DIR", help="write the base with the adapters merged in here")
+    parser.add_argument("--zip-out", metavar="FILE", help="write the (single) adapter as a zip here")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype of the merged weights (default: the model's)")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="upload the merged folder (or the adapter folder) to this Hub repo; needs HF_TOKEN")
+    parser.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return parser
+
+
+class _Trimmed:
+    """Writes streamed pieces with the reply's leading and trailing whitespace left out (the final
+    text is then exactly ``Generation.text``), flushing as it goes."""
+
+    def __init__(self, out):
+        self.out, self.started, self.pending = out, False, ""
+
+    def write(self, piece: str) -> None:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        body = (self.pending + piece).rstrip()
+        self.pending = (self.pending + piece)[len(body):]
+        if body:
+            self.out.write(body)
+            self.out.flush()
+
+
+def _mode_weights(args) -> dict[str, float] | None:
+    if args.weights and len(args.weights) != len(args.adapter):
+        raise InferenceError(f"--weights gives {len(args.weights)} weight(s) for {len(args.adapter)} adapter(s); "
+                             "give one per --adapter, in the same order.")
+    return None if not args.weights else args.weights
+
+
+def _adapter_folders(args) -> list:
+    """Each --adapter as a folder (zips unpacked), checked before the model is loaded."""
+    from lora_app.inference.engine import default_work_dir
+    from lora_app.inference.sources import resolve_source
+
+    return [resolve_source(source, default_work_dir() / "unzipped") for source in args.adapter]
+
+
+def _engine_base(args):
+    from lora_app.inference.engine import InferenceEngine
+
+    weights = _mode_weights(args)
+    folders = _adapter_folders(args)
+    base = InferenceEngine(device=args.device).base(args.model, args.quantization)
+    names = [base.load_adapter(folder) for folder in folders]
+    if len(set(names)) != len(names):
+        raise InferenceError("the same adapter was given twice.")
+    mix = dict(zip(names, weights)) if weights else names
+    return base, mix
+
+
+def run_generate(args, out) -> int:
+    from lora_app.inference.modes import Mode
+    from lora_app.inference.settings import GenerationSettings
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                  seed=args.seed)
+    if args.merge and not args.adapter:
+        raise InferenceError("--merge needs at least one --adapter to merge.")
+    if args.weights and not args.adapter:
+        raise InferenceError("--weights needs an --adapter for each weight.")
+    if not prompt.strip():
+        raise InferenceError("The prompt is empty: give some text with --prompt.")
+    base, mix = _engine_base(args)
+    stream = base.stream(prompt, system=args.system, raw=args.raw, settings=settings,
+                         mode=Mode.of(mix, merged=args.merge))
+    writer = _Trimmed(out)
+    for piece in stream:
+        writer.write(piece)
+    out.write("\n")
+    out.flush()
+    g = stream.result
+    print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s, {g.tokens_per_s:.1f} tokens/s, mode {g.mode}, "
+          f"stopped at {g.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def run_export(args, out) -> int:
+    from lora_app.inference.export import push_to_hub, zip_adapter
+
+    if not (args.merged_out or args.zip_out):
+        raise InferenceError("nothing to export: give --merged-out DIR and/or --zip-out FILE.")
+    if not args.adapter:
+        raise InferenceError("give the adapter to export with --adapter DIR.")
+    written = []
+    if args.zip_out:
+        if len(args.adapter) != 1:
+            raise InferenceError("--zip-out packs one adapter; give exactly one --adapter (or use --merged-out).")
+        from lora_app.lora import read_adapter
+
+        folder = _adapter_folders(args)[0]
+        try:
+            read_adapter(folder)  # a corrupt adapter is refused here, not discovered by whoever unzips it
+        except AdapterLoadError as err:
+            raise InferenceError(f"Could not read the adapter in {folder}: {err}") from err
+        written.append(zip_adapter(folder, args.zip_out, overwrite=args.overwrite))
+        push_folder = folder
+    if args.merged_out:
+        import torch
+
+        base, mix = _engine_base(args)
+        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+        written.append(base.export_merged(args.merged_out, mix, dtype=dtype, overwrite=args.overwrite))
+        push_folder = written[-1]
+    for path in written:
+        print(path, file=out)
+    if args.push_to_hub:
+        url = push_to_hub(push_folder, args.push_to_hub, private=not args.public)
+        print(url, file=out)
+    return 0
+
+
+def main(argv=None) -> int:
+    """``argv[0]`` is the command (generate or export), as ``lora_app.__main__`` passes it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("generate", "export"):
+        print("usage: python -m lora_app {generate,export} [options]", file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    parser = generate_parser() if command == "generate" else export_parser()
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed by argparse)
+        return int(exit_.code or 0)
+    out = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # anything a library prints must not mix with the reply
+            return run_generate(args, out) if command == "generate" else run_export(args, out)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(["generate", *sys.argv[1:]]))
