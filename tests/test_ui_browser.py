@@ -137,6 +137,7 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         page.reload()
         page.get_by_role("tab", name="3 · Train").click()
         expect(page.locator("#run-progress")).to_contain_text(name)
+        expect(page.locator("#train-summary")).to_contain_text("pirate.jsonl")  # the dataset choice survived
         expect(page.locator("#run-progress .lora-progress")).to_have_attribute("data-status", "completed",
                                                                                 timeout=150_000)
         page.wait_for_function("() => document.querySelector('#loss-chart .js-plotly-plot')?.data?.[0]?.x?.length >= 12")

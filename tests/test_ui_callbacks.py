@@ -96,6 +96,17 @@ def test_preview_shows_trained_spans_and_histogram(home, tiny_llama, dataset):
     assert sum(figure.data[0].y) > 0
 
 
+def test_dataset_choice_is_restored_after_reload(home, dataset, tmp_path):
+    from lora_app.ui.data_tab import on_upload, restore, use_demo
+
+    path, _ = on_upload(dataset)
+    assert restore(path) == (path, "Using **pirate.jsonl** (chosen before the page was reloaded).")
+    assert restore(str(tmp_path / "gone.jsonl")) == (None, "No dataset yet.")
+    assert restore(None)[0] is None
+    demo, status = use_demo()
+    assert Path(demo).is_file() and "Captain Byte" in status
+
+
 def test_preview_errors_are_plain_words(home, tiny_llama, tmp_path):
     from lora_app.ui.data_tab import preview
 
@@ -226,6 +237,18 @@ def test_poll_draws_metrics_and_skips_unchanged(home, tiny_llama, dataset, no_wo
     assert "nan at step 3" in poll(run.id, 0.6, True, {})[0]
 
 
+def test_poll_failure_is_shown_in_the_page(home, monkeypatch):
+    from lora_app.training import worker
+    from lora_app.ui.train_tab import poll
+
+    def broken(store=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(worker, "refresh", broken)
+    progress, *rest = poll(None, 0.6, False, {})
+    assert "No space left on device" in progress and rest[-1] == {}
+
+
 def test_charts_smoothing_and_empty_state():
     from lora_app.ui.charts import loss_figure, smooth
 
@@ -319,6 +342,16 @@ def test_compare_side_by_side(finished_run, tiny_llama):
     assert "base" in pages[-1] and "pirate_v1" in pages[-1] and pages[-1].count("tok/s") == 2
     with pytest.raises(Exception, match="prompt"):
         list(run_compare("  ", tiny_llama, [], True, "", "", 0.0, 8, 0))
+
+
+def test_export_merged_model(finished_run):
+    from lora_app.ui.runs_tab import export_merged
+
+    message = export_merged(finished_run.id)
+    folder = Path(finished_run.output) / "merged"
+    assert "Merged model written" in message and (folder / "config.json").is_file()
+    assert any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin"))
+    assert "already exists" in export_merged(finished_run.id)
 
 
 def test_upload_adapter_zip(finished_run, tiny_llama):

@@ -36,7 +36,8 @@ def build_app() -> gr.Blocks:
     ui = SimpleNamespace(form={})
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.HTML(header_markdown(), elem_id="header")
-        ui.data_path = gr.State(None)
+        # the chosen dataset survives a page reload (it lives in the browser's local storage)
+        ui.data_path = gr.BrowserState(None, storage_key="lora_studio_dataset")
         with gr.Tabs(elem_id="tabs") as ui.tabs:
             with gr.Tab("1 · Data", id="data"):
                 data_tab.build(ui)
@@ -68,6 +69,7 @@ def wire(demo: gr.Blocks, ui) -> None:
     ui.data_file.clear(lambda: (None, "No dataset yet.", "", "", None), None,
                        [ui.data_path, ui.data_status, ui.preview_status, ui.preview_html, ui.length_plot])
     ui.demo_button.click(friendly(data_tab.use_demo), None, [ui.data_path, ui.data_status]).then(**preview)
+    demo.load(friendly(data_tab.restore), ui.data_path, [ui.data_path, ui.data_status]).then(**preview)
     gr.on([f["data_format"].input, f["template"].input, f["train_on_prompt"].input, ui.mapping.submit, ui.mapping.blur,
            f["seq_len"].blur, f["packing"].input, f["val_fraction"].blur, f["model"].change], **preview)
 
@@ -87,7 +89,7 @@ def wire(demo: gr.Blocks, ui) -> None:
                    trigger_mode="once", concurrency_limit=1, concurrency_id="start")
     ui.cancel.click(friendly(train_tab.cancel_run), ui.watch, ui.train_status)
     ui.resume.click(friendly(train_tab.resume_run), ui.watch, ui.train_status, concurrency_id="start")
-    poll = dict(fn=friendly(train_tab.poll), inputs=[ui.watch, ui.smoothing, ui.log_scale, ui.seen],
+    poll = dict(fn=train_tab.poll, inputs=[ui.watch, ui.smoothing, ui.log_scale, ui.seen],
                 outputs=[ui.progress, ui.loss_plot, ui.lr_plot, ui.grad_plot, ui.mem_plot, ui.queue, ui.log, ui.watch,
                          ui.seen], show_progress="hidden", concurrency_limit=None)
     ui.timer.tick(**poll)

@@ -149,6 +149,13 @@ def on_upload(file):
     return path, f"Uploaded **{Path(file).name}**."
 
 
+def restore(path):
+    """After a reload: the dataset chosen last time, if its file is still there."""
+    if path and Path(path).is_file():
+        return path, f"Using **{dataset_label(path)}** (chosen before the page was reloaded)."
+    return None, "No dataset yet."
+
+
 def build(ui) -> None:
     """The Data tab's widgets (wired in ``app.wire``, since the preview reads other tabs' settings)."""
     gr.Markdown("Upload JSON, JSONL, CSV/TSV, Parquet or TXT. The format is detected; override it below if "

@@ -178,8 +178,20 @@ def poll(run_id, smoothing, log_scale, seen):
     """One tick of the live view: (progress, loss, lr, grad norm, memory, queue, log, run picker, seen).
 
     Charts are redrawn only when the run has new metrics or the chart options changed (``seen`` holds
-    what the page already shows), so an idle page costs one small database read per tick.
+    what the page already shows), so an idle page costs one small database read per tick. A failing
+    tick (say, the disk is full) shows its reason in the progress box: a toast every two seconds
+    would bury the page.
     """
+    try:
+        return _poll(run_id, smoothing, log_scale, seen)
+    except Exception as err:
+        from lora_app.ui.common import explain
+
+        message = html.escape(f"Cannot read the run store right now: {explain(err)}")
+        return (f"<div class='lora-progress'>{message}</div>", *[gr.skip()] * 7, {})
+
+
+def _poll(run_id, smoothing, log_scale, seen):
     from lora_app.training import worker
 
     store = run_store()
