@@ -179,8 +179,9 @@ def test_every_variant_trains(variant, tiny_llama, qa_data, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_qlora_4bit_trains_on_cpu(tiny_llama, qa_data, tmp_path):
-    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", quantization="4bit", max_steps=2,
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_base_trains_on_cpu(quantization, tiny_llama, qa_data, tmp_path):
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", quantization=quantization, max_steps=2,
                                targets="all-linear"), quiet()[0])
     assert outcome.summary["steps"] == 2 and math.isfinite(outcome.summary["final_loss"])
 
