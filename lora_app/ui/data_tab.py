@@ -127,7 +127,8 @@ def preview(data_path, model, data_format, mapping_text, template, train_on_prom
 
 
 def mapping_supported() -> bool:
-    """Whether TrainConfig can carry a column mapping to the worker (see the report to the trainer's owner)."""
+    """Whether TrainConfig can carry a column mapping to the worker. Until it has a ``data_mapping``
+    field the page says so; once it has, the form passes the mapping on (see form.FIELDS)."""
     from lora_app.training.config import TrainConfig
 
     return "data_mapping" in TrainConfig.__dataclass_fields__
@@ -167,7 +168,7 @@ def build(ui) -> None:
             ui.data_status = gr.Markdown("No dataset yet.", elem_id="data-status")
             with gr.Accordion("Format and column mapping", open=False):
                 ui.form["data_format"] = gr.Dropdown(FORMAT_CHOICES, value="auto", label="Format")
-                ui.mapping = gr.Textbox(label="Column mapping (field=column, ...)", placeholder="prompt=question, completion=answer",
+                ui.mapping = ui.form["data_mapping"] = gr.Textbox(label="Column mapping (field=column, ...)", placeholder="prompt=question, completion=answer",
                                         info="Map the format's fields to your columns by hand.")
                 ui.form["template"] = gr.Dropdown(TEMPLATE_CHOICES, value="auto", label="Chat template",
                                                   info="auto: the tokenizer's own template, else alpaca")

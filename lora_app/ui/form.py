@@ -19,7 +19,7 @@ FIELDS = (
     "model", "quantization", "variant", "rank", "alpha", "dropout", "targets", "all_linear", "lora_plus_ratio",
     "epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup", "seq_len", "packing",
     "val_fraction", "eval_every", "save_every", "seed", "precision", "gradient_checkpointing",
-    "data_format", "template", "train_on_prompt",
+    "data_format", "template", "train_on_prompt", "data_mapping",
 )
 
 # Defaults of the page where they differ from the CLI's: a first run on a laptop CPU with the default
@@ -51,6 +51,9 @@ def form_values(config: TrainConfig) -> dict:
         elif name == "targets":
             t = config.targets
             values[name] = [] if t in (None, "all-linear") else [s.strip() for s in str(t).split(",") if s.strip()]
+        elif name == "data_mapping":  # a text box: "field=column, ..."
+            mapping = getattr(config, name, None) or {}
+            values[name] = ", ".join(f"{k}={v}" for k, v in mapping.items())
         elif name in _OPTIONAL:
             values[name] = getattr(config, name) or 0
         elif name in _AUTO:
@@ -71,6 +74,10 @@ def config_from_values(values: dict, base: TrainConfig | None = None) -> TrainCo
             continue
         if name == "targets":
             value = _targets(value, values.get("all_linear", False))
+        elif name == "data_mapping":
+            from lora_app.ui.data_tab import parse_mapping
+
+            value = parse_mapping(value)
         elif name in _INTS and isinstance(value, float) and value.is_integer():
             value = int(value)  # gr.Number hands back floats
         if name in _OPTIONAL and not value:

@@ -181,7 +181,8 @@ def build(ui) -> None:
     with gr.Row():
         ui.runs_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
     ui.runs_table = gr.Dataframe(headers=HEADERS, value=[], interactive=False, elem_id="runs-table", max_height=280,
-                                 show_search="search")
+                                 show_search="search", wrap=True,
+                                 column_widths=["24%", "9%", "11%", "9%", "7%", "8%", "8%", "7%", "7%", "10%"])
     with gr.Row(equal_height=True):
         ui.runs_pick = gr.Dropdown([], label="Run", scale=2, elem_id="runs-pick")
         ui.runs_other = gr.Dropdown([], label="Compare settings with", info="empty: the CLI defaults", scale=2)
