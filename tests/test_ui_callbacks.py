@@ -257,6 +257,8 @@ def test_charts_smoothing_and_empty_state():
     empty = loss_figure([])
     assert empty.layout.annotations[0].text == "no data yet"
     assert loss_figure([{"step": 1, "loss": 2.0}], log_scale=True).layout.yaxis.type == "log"
+    twice = loss_figure([{"step": 4, "loss": 2.0, "eval_loss": 1.9}, {"step": 4, "eval_loss": 1.8}])
+    assert list(twice.data[-1].y) == [1.8]  # the final evaluation replaces the value logged with the step
 
 
 # ---- runs, chat, compare ------------------------------------------------------------------------

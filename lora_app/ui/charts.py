@@ -38,8 +38,10 @@ def _layout(fig: go.Figure, title: str, ytitle: str = "", log: bool = False) -> 
 
 
 def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None and math.isfinite(m[key])]
-    return [p[0] for p in points], [p[1] for p in points]
+    """(steps, values) of ``key``; a step logged twice (the final evaluation comes as a record of its
+    own after the last step's) keeps its latest value."""
+    points = {m["step"]: m[key] for m in metrics if m.get(key) is not None and math.isfinite(m[key])}
+    return list(points), list(points.values())
 
 
 def loss_figure(metrics: list[dict], smoothing: float = 0.6, log_scale: bool = False) -> go.Figure:

@@ -35,7 +35,7 @@ def device_summary() -> str:
             props = torch.cuda.get_device_properties(i)
             names.append(f"{props.name} ({props.total_memory / 2**30:.0f} GiB)")
         return "GPU: " + ", ".join(names)
-    return f"CPU only ({os.cpu_count()} cores): fine for small models such as the default one"
+    return f"CPU only, {os.cpu_count()} cores (small models such as the default)"
 
 
 def on_space() -> bool:
