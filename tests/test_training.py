@@ -247,3 +247,13 @@ def test_token_budget_changes_memory_not_the_update(tiny_llama, qa_data, tmp_pat
               callbacks)
         curves.append([values["loss"] for _, values in logged if "loss" in values])
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+
+
+def test_columns_mapped_by_hand_reach_training(tiny_llama, tmp_path):
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"question": q, "reply": a} for q, a in QA * 2]))
+    with pytest.raises(Exception, match="reply"):  # no layout fits these columns by itself
+        train(config_for(tiny_llama, str(data), tmp_path / "auto", max_steps=1), quiet()[0])
+    outcome = train(config_for(tiny_llama, str(data), tmp_path / "mapped", max_steps=1, data_format="prompt_completion",
+                               data_mapping={"prompt": "question", "completion": "reply"}), quiet()[0])
+    assert outcome.summary["steps"] == 1

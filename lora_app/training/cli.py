@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training data file or folder")
     p.add_argument("--val-data", help="validation data file (instead of --val-fraction)")
     p.add_argument("--data-format", help="override format detection: alpaca, sharegpt, openai, prompt_completion, text")
+    p.add_argument("--data-mapping", type=_mapping, help="map columns by hand: field=column,field=column "
+                   "(e.g. instruction=question,output=answer)")
     p.add_argument("--template", help="chat template: auto, tokenizer, alpaca, chatml")
     p.add_argument("--train-on-prompt", action="store_true")
     p.add_argument("--output", help="run folder (never overwritten; use --resume to continue one)")
@@ -76,6 +78,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="run store folder (default: the app's runs folder)")
     p.add_argument("--no-store", action="store_true", help="do not register the run in the run store")
     return p
+
+
+def _mapping(text: str) -> dict:
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if not pairs or any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected field=column pairs separated by commas, got {text!r}")
+    return {field.strip(): column.strip() for field, column in pairs}
 
 
 def build_config(args: dict) -> TrainConfig:
@@ -188,6 +197,8 @@ def _run(config: TrainConfig, store, run_id: str | None) -> int:
     finally:
         done.set()
         if store is not None:
+            if summary is not None:
+                store.update(run_id, step=summary["steps"])
             store.finish(run_id, status, error=error, summary=summary)
     return code
 

@@ -27,6 +27,7 @@ class TrainConfig:
     output: str | None = None
     val_data: str | None = None
     data_format: str | None = None
+    data_mapping: dict | None = None  # format field -> column name, to map columns by hand
     template: str | None = None
     train_on_prompt: bool = False
     # LoRA
@@ -72,6 +73,9 @@ class TrainConfig:
 
         if not self.data:
             p.append("no training data given (--data)")
+        if self.data_mapping is not None and (not isinstance(self.data_mapping, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.data_mapping.items())):
+            p.append(f"the column mapping must map field names to column names (got {self.data_mapping!r})")
         if not self.output:
             p.append("no output folder given (--output)")
         positive_int("rank", self.rank)

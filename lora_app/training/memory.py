@@ -57,9 +57,13 @@ def estimate_memory(config, model_config, lora, device: str | None = None) -> di
     vocab = getattr(text, "vocab_size", 0)
 
     params = _count_parameters(model_config)
+    from lora_app.lora import TargetError
+
     try:
         trainable = _lora_parameters(model_config, lora)
-    except Exception:  # an unusual architecture: fall back to the rank formula on square layers
+    except TargetError:
+        raise  # the user's targets are wrong: say so, don't estimate something else
+    except Exception:  # an architecture that cannot be built on the meta device: the rank formula
         trainable = 2 * lora.r * hidden * 7 * layers
     half = config.precision in ("bf16", "fp16") or (config.precision == "auto" and device == "cuda")
     per_weight = BYTES_PER_WEIGHT[config.quantization] or (2 if half and device == "cuda" else 4)

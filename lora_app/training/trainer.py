@@ -140,7 +140,8 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
     model_config = load_config(config.model, config.trust_remote_code)
     check_model_limits(config, model_config)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    data = prepare_dataset(config.data, tokenizer, format=config.data_format, template=config.template,
+    data = prepare_dataset(config.data, tokenizer, format=config.data_format, mapping=config.data_mapping,
+                           template=config.template,
                            max_length=config.seq_len, train_on_prompt=config.train_on_prompt, packing=config.packing,
                            val_fraction=config.val_fraction, val_path=config.val_data, seed=config.seed)
     cb.log(f"data: {data.report.train_rows} training rows, {data.report.val_rows} validation rows "
@@ -279,7 +280,8 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
         stop = cb.should_stop()
         if accelerator.num_processes > 1:  # a cancel reaches the main process; every process must stop
             stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=device), "sum").item())
-        if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+        evaluated = bool(config.eval_every and step % config.eval_every == 0 and step < total_steps)
+        if evaluated:  # the last step is evaluated after the loop, once
             eval_loss = evaluate()
         if step % config.log_every == 0 or step == total_steps or stop:
             done = step - start_step
@@ -287,7 +289,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
                           tokens_per_second=window_tokens / max(now - window_start, 1e-9), elapsed=wall,
                           eta=(now - started) / done * (total_steps - step), epoch=step / steps_per_epoch,
                           **memory_now(device))
-            if eval_loss is not None and config.eval_every and step % config.eval_every == 0:
+            if evaluated and eval_loss is not None:
                 values["eval_loss"] = eval_loss
             cb.on_log(step, values)
             window_tokens, window_start = 0, now
