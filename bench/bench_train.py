@@ -1,9 +1,10 @@
 """Training speed and memory: our `train` against the standard transformers Trainer + peft recipe.
 
-    python bench/bench_train.py [--steps 20] [--batch-size 8] [--seq-len 512] [--peer-precision fp32]
+    python bench/bench_train.py [--steps 12] [--batch-size 8] [--seq-len 512] [--peer-precision fp32]
 
-Both sides train the same model (the embedded SmolLM2-135M-Instruct), on the same tokenized examples
-(the shared alpaca demo data, prompts masked, through our data pipeline), with the same LoRA (rank 16,
+Both sides train the same model (the embedded SmolLM2-135M-Instruct) for one epoch over the same
+``steps x batch-size`` rows (a seeded sample of the shared alpaca demo data, prompts masked, tokenized by
+our data pipeline), so both see exactly the same examples and tokens, with the same LoRA (rank 16,
 alpha 32, dropout 0.05, q/k/v/o/gate/up/down), optimizer (AdamW, lr 2e-4, cosine) and batch size, each
 in a fresh process so its peak RSS is its own. Printed per side: useful tokens/s (non-padding tokens
 that carry a label, per second of the training loop), peak RSS, and the ratios ours / peer.
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 sys.path.insert(0, str(ROOT))
 
@@ -35,8 +36,8 @@ def run_ours(args) -> dict:
     from lora_app.training.trainer import Callbacks, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(data=str(DATA), output=str(Path(tmp) / "run"), rank=16, alpha=32, dropout=0.05,
-                             targets=TARGETS, max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        config = TrainConfig(data=args.data, output=str(Path(tmp) / "run"), rank=16, alpha=32, dropout=0.05,
+                             targets=TARGETS, epochs=1, batch_size=args.batch_size, seq_len=args.seq_len,
                              lr=2e-4, scheduler="cosine", warmup=0, seed=0, precision=args.precision,
                              gradient_checkpointing=args.gradient_checkpointing)
         summary = train(config, Callbacks(log=lambda text: None)).summary
@@ -57,7 +58,7 @@ def run_peer(args) -> dict:
     from lora_app.models import default_model_path, load_tokenizer
 
     tokenizer = load_tokenizer("default")
-    data = prepare_dataset(DATA, tokenizer, max_length=args.seq_len, seed=0)
+    data = prepare_dataset(args.data, tokenizer, max_length=args.seq_len, seed=0)
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS.split(","),
                                              task_type="CAUSAL_LM"))
@@ -80,7 +81,7 @@ def run_peer(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
-            output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=2e-4,
+            output_dir=tmp, num_train_epochs=1, per_device_train_batch_size=args.batch_size, learning_rate=2e-4,
             lr_scheduler_type="cosine", warmup_steps=0, logging_steps=10, save_strategy="no", report_to=[],
             bf16=args.precision == "bf16", use_cpu=not torch.cuda.is_available(), seed=0,
             dataloader_num_workers=0, remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing)
@@ -94,7 +95,7 @@ def run_peer(args) -> dict:
 
 
 def side(name: str, args) -> dict:
-    command = [sys.executable, __file__, "--side", name, "--steps", str(args.steps), "--batch-size",
+    command = [sys.executable, __file__, "--side", name, "--data", args.data, "--batch-size",
                str(args.batch_size), "--seq-len", str(args.seq_len),
                "--precision", args.peer_precision if name == "peer" else args.precision]
     if args.gradient_checkpointing:
@@ -108,7 +109,8 @@ def side(name: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--side", choices=["ours", "peer"])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--data", help=argparse.SUPPRESS)  # the sample, written by the parent process
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--precision", default="auto", help="ours")
@@ -125,9 +127,17 @@ def main() -> None:
         capability = torch.backends.cpu.get_cpu_capability()
         native_bf16 = torch.cuda.is_available() or "AMX" in capability or "BF16" in capability
         args.peer_precision = "bf16" if native_bf16 else "fp32"
-    print(f"model: SmolLM2-135M-Instruct  data: {DATA.name}  steps {args.steps}  batch {args.batch_size}  "
-          f"seq-len {args.seq_len}  peer precision {args.peer_precision}")
-    results = {name: side(name, args) for name in ("peer", "ours")}
+    import random
+    import tempfile
+
+    rows = json.loads(ALPACA.read_text())
+    sample = random.Random(0).sample(rows, args.steps * args.batch_size)
+    print(f"model: SmolLM2-135M-Instruct  data: {len(sample)} rows of {ALPACA.name}  {args.steps} steps of batch "
+          f"{args.batch_size}  seq-len {args.seq_len}  peer precision {args.peer_precision}")
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = str(Path(tmp) / "sample.json")
+        Path(args.data).write_text(json.dumps(sample))
+        results = {name: side(name, args) for name in ("peer", "ours")}
     for name, r in results.items():
         print(f"{name:5s} useful tokens/s {r['useful_tokens_per_second']:8.1f}  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB"
               f"  ({r['train_tokens']} tokens in {r['seconds']:.1f} s, final loss {r['final_loss']:.3f})")

@@ -19,6 +19,23 @@ from lora_app.lora.config import LoraConfig
 from lora_app.lora.quant import dequantized_weight
 
 
+
+class Dropout(nn.Dropout):
+    """Inverted dropout, ``x * keep / (1 - p)``, with the mask drawn as 15-bit integers.
+
+    Each adapter drops its input, seven times per transformer layer. On a CPU, torch's own dropout
+    (``bernoulli_``) spends more time drawing the mask than the adapter spends on its matmuls; integer
+    draws are about 2.5x faster. ``p`` is rounded to a multiple of 1/32768 (0.05 -> 0.050018).
+    Autograd keeps the boolean mask (1 byte per element), as ``nn.Dropout`` does.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        threshold = round(self.p * 32768)
+        keep = torch.randint(0, 32768, x.shape, dtype=torch.int16, device=x.device) >= threshold
+        return (x * keep).mul_(32768 / (32768 - threshold))
+
 class Adapter(nn.Module):
     """What every variant shares: its saved tensors are its parameters under peft key suffixes."""
 
@@ -49,12 +66,13 @@ class LoraAdapter(Adapter):
         self.scaling = config.scaling
         self.lora_A = nn.Linear(in_features, config.r, bias=False, device=device)
         self.lora_B = nn.Linear(config.r, out_features, bias=False, device=device)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # scaling applied on the r-wide intermediate: the same product, r/out of the elementwise work
+        return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -175,7 +193,7 @@ class VeraAdapter(Adapter):
         self.projection = projection
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.vera_d_initial), device=device))
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, device=device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def _sliced(self, device, dtype):
         A, B = self.projection.get(device, dtype)

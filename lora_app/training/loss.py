@@ -31,10 +31,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if bias is not None:
                 logits += bias.float()
             y = targets[start:start + chunk_size]
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            log_probs = torch.log_softmax(logits, dim=-1)  # one fused pass over the chunk
+            total -= log_probs.gather(1, y[:, None]).sum()
             if grad is not None:
-                probs = torch.exp(logits - log_z[:, None])  # softmax, reusing the chunk's logits
+                probs = log_probs.exp_()  # softmax, in place: no second vocabulary-sized buffer
                 probs[torch.arange(len(y)), y] -= 1.0
                 grad[start:start + chunk_size] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
