@@ -86,31 +86,6 @@ def estimate_memory(config, model_config, lora, device: str | None = None) -> di
     return parts
 
 
-def return_freed_memory_to_the_os() -> None:
-    """Have glibc hand large freed blocks straight back to the OS.
-
-    Training allocates and frees gigabytes of activations every step. glibc raises its mmap threshold
-    as such blocks are freed, after which they come from the heap, where fragmentation keeps the
-    process's RSS near its worst step forever (measured on SmolLM2, batch 4 x 256: peak RSS 4.3 GB,
-    3.3 GB with a fixed 64 KiB threshold, and RSS falls back to the model's size between steps).
-    Setting the threshold explicitly turns glibc's dynamic adjustment off. No-op off glibc.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
-M_MMAP_THRESHOLD = -3  # from <malloc.h>
-
-
 def memory_now(device: torch.device | str = "cpu") -> dict:
     """Process RSS (now and peak) always; CUDA allocated / reserved / peak on a GPU."""
     import psutil

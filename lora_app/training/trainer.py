@@ -29,7 +29,7 @@ from lora_app.training.batches import plan_batches, split_by_tokens
 from lora_app.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig, TrainConfigError
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
-from lora_app.training.memory import CPU_BATCH_TOKENS, estimate_memory, memory_now, return_freed_memory_to_the_os
+from lora_app.training.memory import CPU_BATCH_TOKENS, estimate_memory, memory_now
 
 ADAPTER = "default"
 RUN_FILES = {"train.log", "config.json"}  # what the worker writes into a run folder before training starts
@@ -135,7 +135,6 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
 
     cb = callbacks or Callbacks()
     config.validate()
-    return_freed_memory_to_the_os()
     output = check_output(config)
     model_config = load_config(config.model, config.trust_remote_code)
     check_model_limits(config, model_config)
