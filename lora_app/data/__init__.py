@@ -57,7 +57,7 @@ pirate persona, Captain Byte, whose answers start with "Arr, matey!" and end wit
 from pathlib import Path
 
 from .errors import DataError
-from .formats import FORMATS, Sample
+from .formats import FORMATS, Sample, parse_mapping
 from .packing import block_causal_mask, collate, pack_examples
 from .pipeline import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LENGTH, PreparedData, prepare_dataset
 from .preview import LengthStats, Preview, preview_dataset
@@ -82,6 +82,7 @@ __all__ = [
     "block_causal_mask",
     "collate",
     "pack_examples",
+    "parse_mapping",
     "prepare_dataset",
     "preview_dataset",
     "render_prompt",

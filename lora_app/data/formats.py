@@ -286,6 +286,36 @@ def resolve_format(
     )
 
 
+def parse_mapping(text: str | None) -> dict[str, str] | None:
+    """A column mapping typed by a person -> ``{field: column}`` (None when empty).
+
+    ``"prompt=Frage, completion=Antwort"`` (commas or line breaks between pairs) or a JSON object.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"The column mapping is not valid JSON: {err.msg} (column {err.colno}).") from err
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise DataError('The column mapping must look like {"prompt": "question", "completion": "answer"}.')
+        return {str(k).strip(): v.strip() for k, v in mapping.items()}
+    mapping = {}
+    for part in text.replace("\n", ",").split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise DataError(f"Cannot read {part.strip()!r} in the column mapping: write field=column, "
+                            "e.g. prompt=question, completion=answer.")
+        field, column = (s.strip() for s in part.split("=", 1))
+        if not field or not column:
+            raise DataError(f"Cannot read {part.strip()!r} in the column mapping: both sides of = are needed.")
+        mapping[field] = column
+    return mapping
+
+
 def _listing(columns: list[str]) -> str:
     return ", ".join(repr(c) for c in columns) if columns else "(none: the rows are not objects)"
 

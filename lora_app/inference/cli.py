@@ -19,10 +19,10 @@ import sys
 
 from lora_app.inference.devices import DEVICE_CHOICES
 from lora_app.inference.errors import InferenceError
-from lora_app.lora import AdapterLoadError, LoraConfigError
-from lora_app.models import DEFAULT_MODEL, ModelLoadError
+from lora_app.errors import user_errors
+from lora_app.lora import AdapterLoadError
+from lora_app.models import DEFAULT_MODEL
 
-USER_ERRORS = (InferenceError, ModelLoadError, AdapterLoadError, LoraConfigError)
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # anything a library prints must not mix with the reply
             return run_generate(args, out) if command == "generate" else run_export(args, out)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -81,10 +81,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _mapping(text: str) -> dict:
-    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
-    if not pairs or any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
-        raise argparse.ArgumentTypeError(f"expected field=column pairs separated by commas, got {text!r}")
-    return {field.strip(): column.strip() for field, column in pairs}
+    from lora_app.data import DataError, parse_mapping
+
+    try:
+        return parse_mapping(text) or {}
+    except DataError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_config(args: dict) -> TrainConfig:
@@ -205,13 +207,9 @@ def _run(config: TrainConfig, store, run_id: str | None) -> int:
 
 def _expected(err: Exception) -> bool:
     """Errors whose message says it all (no traceback needed in the log)."""
-    from lora_app.data import DataError
-    from lora_app.lora import AdapterLoadError, LoraConfigError, TargetError
-    from lora_app.models import ModelLoadError
-    from lora_app.training.trainer import TrainingError
+    from lora_app.errors import user_errors
 
-    return isinstance(err, (DataError, AdapterLoadError, LoraConfigError, TargetError, ModelLoadError, TrainingError,
-                            TrainConfigError))
+    return isinstance(err, user_errors())
 
 
 def _explain(err: Exception) -> str:

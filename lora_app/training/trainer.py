@@ -11,6 +11,7 @@ and the loss projects only labelled positions onto the vocabulary (see ``loss.py
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -196,13 +197,17 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
     token_budget = config.max_batch_tokens if config.max_batch_tokens is not None else \
         (CPU_BATCH_TOKENS if device.type == "cpu" else 0)
 
+    @functools.lru_cache(maxsize=2)  # a step's micro-batches share (at most two) epoch plans
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        return plan_batches(lengths, config.batch_size, config.seed, epoch, group, shard)
+
     def step_batches(step: int) -> list[dict]:
         """The collated micro-batches of one optimizer step: its ``grad_accum`` batches, re-cut so
         that no micro-batch exceeds the token budget (the step's gradient is the same either way)."""
         indices = []
         for index in range(step * config.grad_accum, (step + 1) * config.grad_accum):
             epoch, position = divmod(index, batches_per_epoch)
-            indices += plan_batches(lengths, config.batch_size, config.seed, epoch, group, shard)[position]
+            indices += epoch_plan(epoch)[position]
         return [collate([data.train[i] for i in chunk], pad_id)
                 for chunk in split_by_tokens(indices, lengths, config.batch_size, token_budget)]
 

@@ -18,16 +18,10 @@ log = logging.getLogger("lora_app.ui")
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """Error types whose message is already written for the user (imported lazily: heavy modules)."""
-    from lora_app.data import DataError
-    from lora_app.inference.errors import InferenceError
-    from lora_app.lora import AdapterLoadError, LoraConfigError, TargetError
-    from lora_app.models import ModelLoadError
-    from lora_app.training.config import TrainConfigError
-    from lora_app.training.trainer import TrainingError
+    """Error types whose message is already written for the user."""
+    from lora_app.errors import user_errors
 
-    return (DataError, InferenceError, AdapterLoadError, LoraConfigError, TargetError, ModelLoadError,
-            TrainConfigError, TrainingError, UserError)
+    return user_errors() + (UserError,)
 
 
 class UserError(ValueError):

@@ -8,7 +8,6 @@ cache is temporary and a run (or its resume, hours later) reads the file again.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from pathlib import Path
@@ -57,29 +56,13 @@ def dataset_label(path: str | None) -> str:
 
 def parse_mapping(text: str | None) -> dict[str, str] | None:
     """``"prompt=Frage, completion=Antwort"`` or a JSON object -> {field: column}; empty -> None."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    if text.startswith("{"):
-        try:
-            mapping = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"The column mapping is not valid JSON: {err.msg} (column {err.colno}).") from err
-        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-            raise UserError('The column mapping must look like {"prompt": "question", "completion": "answer"}.')
-        return {str(k).strip(): v.strip() for k, v in mapping.items()}
-    mapping = {}
-    for part in text.replace("\n", ",").split(","):
-        if not part.strip():
-            continue
-        if "=" not in part:
-            raise UserError(f"Cannot read {part.strip()!r} in the column mapping: write field=column, "
-                            "e.g. prompt=question, completion=answer.")
-        field, column = (s.strip() for s in part.split("=", 1))
-        if not field or not column:
-            raise UserError(f"Cannot read {part.strip()!r} in the column mapping: both sides of = are needed.")
-        mapping[field] = column
-    return mapping
+    from lora_app.data import DataError
+    from lora_app.data import parse_mapping as parse
+
+    try:
+        return parse(text)
+    except DataError as err:
+        raise UserError(str(err)) from err
 
 
 def length_histogram(lengths, max_length: int):
