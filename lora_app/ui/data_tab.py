@@ -8,6 +8,7 @@ cache is temporary and a run (or its resume, hours later) reads the file again.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -29,8 +30,7 @@ def datasets_dir() -> Path:
 
 
 def import_dataset(path: str | None) -> str | None:
-    """Copy an uploaded file to ``datasets/<hash>/<name>``: the same content is stored once, and the
-    file keeps the name the user knows, which every data message and run name then shows."""
+    """Copy an uploaded file to ``datasets/<hash>-<name>`` (the same content is stored once)."""
     if not path:
         return None
     source = Path(path)
@@ -38,9 +38,8 @@ def import_dataset(path: str | None) -> str | None:
     with open(source, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    target = datasets_dir() / digest.hexdigest()[:12] / source.name
+    target = datasets_dir() / f"{digest.hexdigest()[:12]}-{source.name}"
     if not target.exists():
-        target.parent.mkdir(exist_ok=True)
         tmp = target.with_suffix(target.suffix + ".part")
         shutil.copyfile(source, tmp)
         tmp.replace(target)
@@ -48,8 +47,11 @@ def import_dataset(path: str | None) -> str | None:
 
 
 def dataset_label(path: str | None) -> str:
-    """The file name the user knows."""
-    return Path(path).name if path else ""
+    """The file name the user knows: stored copies carry a 12-character content hash prefix."""
+    if not path:
+        return ""
+    name = Path(path).name
+    return name[13:] if re.match(r"^[0-9a-f]{12}-", name) else name
 
 
 def parse_mapping(text: str | None) -> dict[str, str] | None:
