@@ -98,7 +98,9 @@ def preview(data_path, model, data_format, mapping_text, template, train_on_prom
                                  train_on_prompt=bool(train_on_prompt), max_length=int(seq_len or 512),
                                  packing=bool(packing), val_fraction=float(val_fraction or 0))
     except DataError as err:
-        return f"**This dataset cannot be used yet.**\n\n{err}", "", None
+        # the message names the stored copy (hash-prefixed); show the name the user uploaded
+        message = str(err).replace(Path(data_path).name, dataset_label(data_path))
+        return f"**This dataset cannot be used yet.**\n\n{message}", "", None
     r = result.report
     status = (f"**{r.format}** format · {r.train_rows} training rows · {r.val_rows} validation rows"
               + (f" · {r.rows_skipped} skipped" if r.rows_skipped else "")
