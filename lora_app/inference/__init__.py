@@ -6,7 +6,7 @@ from lora_app.inference.cache import AdapterInfo
 from lora_app.inference.compare import ComparisonResult
 from lora_app.inference.devices import DeviceChoice, choose_device
 from lora_app.inference.engine import DEFAULT_ADAPTER_BUDGET, InferenceEngine
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 from lora_app.inference.export import push_to_hub, write_merged, zip_adapter
 from lora_app.inference.generate import chat_reply
 from lora_app.inference.modes import Mode

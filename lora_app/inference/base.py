@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lora_app.inference.cache import AdapterCache, AdapterInfo
 from lora_app.inference.compare import ComparisonResult, comparison_modes
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 from lora_app.inference.export import write_merged, zip_adapter
 from lora_app.inference.modes import Mode
 from lora_app.inference.prompts import encode_prompt, eos_token_ids

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import AdapterLoadError, AdapterNameTaken, InferenceError
 from lora_app.inference.sources import fingerprint
-from lora_app.lora import AdapterLoadError, LoraLayer, adapter_modules, load_adapter, lora_layers, remove_adapter
+from lora_app.lora import LoraLayer, adapter_modules, load_adapter, lora_layers, remove_adapter
 from lora_app.lora.io import CONFIG_NAME
 
 
@@ -106,8 +106,8 @@ class AdapterCache:
         real = os.path.realpath(folder)
         stale = [e.name for e in self._entries.values() if os.path.realpath(e.folder) == real]
         if explicit and name in self._entries and name not in stale:
-            raise InferenceError(f"an adapter named {name!r} is already loaded (from {self._entries[name].folder}); "
-                                 "pick another name.")
+            raise AdapterNameTaken(f"an adapter named {name!r} is already loaded (from {self._entries[name].folder}); "
+                                   "pick another name.", name)
         if not explicit:
             name = stale[0] if stale else self._unique(name)
         entry = AdapterInfo(name=name, folder=Path(folder), nbytes=0, loaded=False, variant="", rank=0,
@@ -200,7 +200,7 @@ class AdapterCache:
 
     def _explain(self, folder: Path, err: AdapterLoadError) -> str:
         message = f"Could not load the adapter in {folder}: {err}"
-        if "another base model" in str(err):
+        if err.kind == "base":
             this = getattr(self.model, "name_or_path", None) or type(self.model).__name__
             trained_on = _trained_on(folder)
             said = f" The adapter says it was trained on {trained_on!r};" if trained_on else ""

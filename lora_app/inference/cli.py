@@ -18,9 +18,7 @@ import contextlib
 import sys
 
 from lora_app.inference.devices import DEVICE_CHOICES
-from lora_app.inference.errors import InferenceError
-from lora_app.errors import user_errors
-from lora_app.lora import AdapterLoadError
+from lora_app.errors import AdapterLoadError, InferenceError, UserError
 from lora_app.models import DEFAULT_MODEL
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -197,7 +195,7 @@ def main(argv=None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # anything a library prints must not mix with the reply
             return run_generate(args, out) if command == "generate" else run_export(args, out)
-    except user_errors() as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

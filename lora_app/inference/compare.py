@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 from lora_app.inference.modes import Mode
 from lora_app.inference.streaming import Generation
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 

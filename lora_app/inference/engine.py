@@ -24,7 +24,7 @@ import torch
 
 from lora_app.inference.base import BaseKey, LoadedBase
 from lora_app.inference.devices import choose_device
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 from lora_app.models import DEFAULT_MODEL, load_model
 from lora_app.paths import app_home
 

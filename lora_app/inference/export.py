@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 from lora_app.lora import export_merged as _export_merged
 from lora_app.lora.io import CONFIG_NAME, WEIGHTS_NAME
 

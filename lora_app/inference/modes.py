@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 
 
 @dataclass(frozen=True)

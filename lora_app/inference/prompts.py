@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 
 ROLES = ("system", "user", "assistant")
 

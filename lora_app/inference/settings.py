@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from lora_app.inference.errors import InferenceError
+from lora_app.errors import InferenceError
 from lora_app.lora.io import CONFIG_NAME, WEIGHTS_NAME
 
 MAX_UNZIPPED_BYTES = 4 * 2**30  # an adapter is megabytes; anything near this is a zip bomb

@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from lora_app.errors import LoraConfigError
+
 VARIANTS = ("lora", "rslora", "dora", "lora-fa", "vera", "delta-lora")
-
-
-class LoraConfigError(ValueError):
-    """Invalid adapter settings; the message lists every problem at once."""
 
 
 @dataclass
@@ -41,21 +39,21 @@ class LoraConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        problems = []
+        problems = {}
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            problems.append(f"rank r must be a whole number > 0 (got {self.r!r})")
-        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            problems.append(f"alpha must be > 0 (got {self.alpha!r})")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
+            problems["r"] = f"rank r must be a whole number > 0 (got {self.r!r})"
+        if not _number(self.alpha) or not self.alpha > 0:
+            problems["alpha"] = f"alpha must be > 0 (got {self.alpha!r})"
+        if not _number(self.dropout) or not 0 <= self.dropout < 1:
+            problems["dropout"] = f"dropout must be in [0, 1) (got {self.dropout!r})"
         if self.variant not in VARIANTS:
-            problems.append(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if self.variant == "delta-lora" and not (isinstance(self.delta_lambda, (int, float)) and self.delta_lambda >= 0):
-            problems.append(f"delta_lambda must be >= 0 (got {self.delta_lambda!r})")
+            problems["variant"] = f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}"
+        if self.variant == "delta-lora" and not (_number(self.delta_lambda) and self.delta_lambda >= 0):
+            problems["delta_lambda"] = f"delta_lambda must be >= 0 (got {self.delta_lambda!r})"
         if isinstance(self.targets, (list, tuple)) and not self.targets:
-            problems.append("targets is an empty list; give module names, a regex or 'all-linear'")
+            problems["targets"] = "targets is an empty list; give module names, a regex or 'all-linear'"
         if problems:
-            raise LoraConfigError("Invalid LoRA settings: " + "; ".join(problems) + ".")
+            raise LoraConfigError(problems)
 
     @property
     def scaling(self) -> float:
@@ -68,3 +66,7 @@ class LoraConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

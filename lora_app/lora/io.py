@@ -25,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lora_app.errors import AdapterLoadError
+
 from lora_app.lora.adapters import VeraProjection
 from lora_app.lora.config import LoraConfig
 from lora_app.lora.layer import LoraLayer, unwrap
@@ -35,10 +37,6 @@ from lora_app.lora.targets import find_linear_modules, leaf_names, resolve_targe
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-
-class AdapterLoadError(ValueError):
-    """An adapter folder cannot be used with this model; the message says which tensor or file."""
 
 
 def atomic_folder(target: Path, write) -> Path:
@@ -145,9 +143,10 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
 def _config_from_peft(peft: dict, metadata: dict) -> LoraConfig:
     peft_type = peft.get("peft_type")
     if peft_type not in ("LORA", "VERA"):
-        raise AdapterLoadError(f"adapter type {peft_type!r} is not supported (LORA and VERA are).")
+        raise AdapterLoadError(f"adapter type {peft_type!r} is not supported (LORA and VERA are).", "unsupported")
     if peft.get("bias", "none") != "none" or peft.get("modules_to_save"):
-        raise AdapterLoadError("adapters that also train biases or whole modules (modules_to_save) are not supported.")
+        raise AdapterLoadError("adapters that also train biases or whole modules (modules_to_save) are not supported.",
+                               "unsupported")
     common = dict(r=int(peft["r"]), base_model_name_or_path=peft.get("base_model_name_or_path"))
     if peft_type == "VERA":
         return LoraConfig(variant="vera", alpha=1.0, dropout=float(peft.get("vera_dropout", 0.0)),
@@ -175,7 +174,8 @@ def _layer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
                 grouped.setdefault(body[: -len(suffix) - 1], {})[suffix] = tensor
                 break
         else:
-            raise AdapterLoadError(f"unexpected tensor {key!r} in the adapter (not a LoRA/DoRA/VeRA weight).")
+            raise AdapterLoadError(f"unexpected tensor {key!r} in the adapter (not a LoRA/DoRA/VeRA weight).",
+                                   "unsupported")
     return grouped
 
 
@@ -187,7 +187,7 @@ def _check_shapes(model: nn.Module, config: LoraConfig, grouped: dict) -> dict[s
     if unknown:
         raise AdapterLoadError(
             f"the adapter has weights for {unknown[0]!r}, which this model does not have as a linear layer: "
-            "it was trained for another base model."
+            "it was trained for another base model.", "base"
         )
     dims = {}
     for path in (p for p in linear if p in grouped):  # model order, so "first mismatch" means something
@@ -202,11 +202,11 @@ def _check_shapes(model: nn.Module, config: LoraConfig, grouped: dict) -> dict[s
                 expected["lora_magnitude_vector"] = (out_f,)
         for key, shape in expected.items():
             if key not in parts:
-                raise AdapterLoadError(f"the adapter is missing {PREFIX}{path}.{key}.")
+                raise AdapterLoadError(f"the adapter is missing {PREFIX}{path}.{key}.", "base")
             if tuple(parts[key].shape) != shape:
                 raise AdapterLoadError(
                     f"tensor {PREFIX}{path}.{key} has shape {tuple(parts[key].shape)} but this model needs "
-                    f"{shape}: the adapter was trained for another base model."
+                    f"{shape}: the adapter was trained for another base model.", "base"
                 )
     return dims
 
@@ -220,7 +220,7 @@ def _vera_projection(config: LoraConfig, tensors: dict, dims: dict) -> VeraProje
         raise AdapterLoadError(
             f"the VeRA projections (vera_A {None if A is None else tuple(A.shape)}, vera_B "
             f"{None if B is None else tuple(B.shape)}) do not fit this model: it needs r={config.r}, "
-            f"in >= {max_in}, out >= {max_out}."
+            f"in >= {max_in}, out >= {max_out}.", "base"
         )
     return VeraProjection(config.r, max_in, max_out, seed=config.vera_seed, A=A, B=B)
 
@@ -234,7 +234,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     if not grouped:
         raise AdapterLoadError(f"{folder} holds no adapter weights.")
     if name in adapter_names(model):
-        raise AdapterLoadError(f"the model already has an adapter named {name!r}; pick another name.")
+        raise AdapterLoadError(f"the model already has an adapter named {name!r}; pick another name.", "name")
     dims = _check_shapes(model, config, grouped)
     if config.variant == "vera":
         attach(model, config, name, list(grouped), _vera_projection(config, tensors, dims))

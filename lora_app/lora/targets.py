@@ -6,6 +6,8 @@ import re
 
 from torch import nn
 
+from lora_app.errors import TargetError
+
 from lora_app.lora.layer import LoraLayer
 from lora_app.lora.quant import is_linear_like
 
@@ -22,10 +24,6 @@ DEFAULT_TARGETS = {
 }
 for _family in ("mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "smollm3", "granite"):
     DEFAULT_TARGETS[_family] = DEFAULT_TARGETS["llama"]
-
-
-class TargetError(ValueError):
-    """The targets matched no layer; the message lists the layers that can be adapted."""
 
 
 def find_linear_modules(model: nn.Module) -> dict[str, nn.Module]:

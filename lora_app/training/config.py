@@ -16,10 +16,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
-class TrainConfigError(ValueError):
-    """Invalid training settings; the message lists every problem."""
-
-
 @dataclass
 class TrainConfig:
     model: str = "default"

@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_app.errors import RunNotFound
 from lora_app.paths import app_home
 
-ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled")
 HEARTBEAT_TIMEOUT = 90.0  # seconds without a heartbeat before a running job counts as dead
 
@@ -135,7 +135,7 @@ class RunStore:
         with self._connect() as db:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
-            raise KeyError(f"No run {run_id!r} in {self.db_path}.")
+            raise RunNotFound(run_id)
         return _run(row)
 
     def find_by_output(self, output: str | os.PathLike) -> Run | None:

@@ -36,10 +36,6 @@ ADAPTER = "default"
 RUN_FILES = {"train.log", "config.json"}  # what the worker writes into a run folder before training starts
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message is for the user."""
-
-
 @dataclass
 class Callbacks:
     """How a caller watches and steers a run (the CLI wires these to the run store)."""

@@ -11,7 +11,8 @@ import re
 import threading
 from pathlib import Path
 
-from lora_app.ui.common import UserError, run_store
+from lora_app.errors import AdapterNameTaken, UserError
+from lora_app.ui.common import run_store
 
 _engine = None
 _engine_lock = threading.Lock()
@@ -70,24 +71,17 @@ def adapter_name(run) -> str:
 
 def resolve(base, choice: str) -> str:
     """The engine's adapter name for a choice, loading a run's adapter the first time."""
-    from lora_app.inference import InferenceError
-
     kind, _, value = (choice or "").partition(":")
     if kind == "name":
         return value
     if kind != "run":
         raise UserError(f"Unknown adapter {choice!r}.")
-    try:
-        run = run_store().get(value)
-    except KeyError:
-        raise UserError("That run was deleted; pick another adapter.") from None
+    run = run_store().get(value)
     if not run.adapter_path.is_dir():
         raise UserError(f"Run {run.name} has no final adapter (it is {run.status}).")
     try:
         return base.load_adapter(run.adapter_path, name=adapter_name(run))
-    except InferenceError as err:
-        if "already loaded" not in str(err):
-            raise
+    except AdapterNameTaken:  # another run of the same name: tell them apart by the run id
         return base.load_adapter(run.adapter_path, name=f"{adapter_name(run)}-{run.id[-6:]}")
 
 

@@ -13,31 +13,24 @@ import logging
 import threading
 
 import gradio as gr
+import torch
+
+from lora_app.errors import UserError
 
 log = logging.getLogger("lora_app.ui")
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Error types whose message is already written for the user."""
-    from lora_app.errors import user_errors
-
-    return user_errors() + (UserError,)
-
-
-class UserError(ValueError):
-    """A problem with what the user asked for, raised by the UI layer itself."""
+OUT_OF_MEMORY = ("Out of memory. Close other runs or chats, or pick a smaller model, batch size or sequence "
+                 "length (4-bit quantization helps on a GPU).")
 
 
 def explain(err: BaseException) -> str:
     """The message to show for ``err``: its own words when it is one of ours, else its type and text."""
-    import torch
-
     if isinstance(err, gr.Error):
         return err.message
-    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
-        return ("Out of memory. Close other runs or chats, or pick a smaller model, batch size or sequence "
-                "length (4-bit quantization helps on a GPU).")
-    if isinstance(err, expected_errors()):
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return OUT_OF_MEMORY
+    if isinstance(err, UserError):
         return str(err)
     log.exception("unexpected error in a UI callback")  # the console keeps the traceback for a bug report
     return f"Something went wrong ({type(err).__name__}: {err})."

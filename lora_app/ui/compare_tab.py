@@ -9,7 +9,7 @@ import gradio as gr
 
 from lora_app.ui import adapters
 from lora_app.ui.chat_tab import generation_settings
-from lora_app.ui.common import UserError
+from lora_app.errors import UserError
 
 
 def columns_html(columns: list[tuple[str, str | None, str]]) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 import gradio as gr
 
 from lora_app.ui import adapters
-from lora_app.ui.common import UserError, fmt_bytes, fmt_count, fmt_seconds, run_store
+from lora_app.errors import RunNotFound, UserError
+from lora_app.ui.common import fmt_bytes, fmt_count, fmt_seconds, run_store
 
 HEADERS = ["run", "status", "model", "variant · rank", "steps", "final loss", "eval loss", "tokens/s", "time",
            "created"]
@@ -59,8 +60,8 @@ def run_details(run_id, other_id=None) -> str:
     store = run_store()
     try:
         run = store.get(run_id)
-    except KeyError:
-        return "That run no longer exists."
+    except RunNotFound as err:
+        return str(err)
     s = run.summary or {}
     lines = [f"### {run.name} — {run.status}", f"Folder: `{run.output}`"]
     if s:
@@ -74,7 +75,7 @@ def run_details(run_id, other_id=None) -> str:
     if other_id and other_id != run_id:
         try:
             other = store.get(other_id)
-        except KeyError:
+        except RunNotFound:
             other = None
         base, base_label = (other.config, other.name) if other else (TrainConfig().to_dict(), "defaults")
     else:
@@ -99,10 +100,7 @@ def _cell(value) -> str:
 def _get(run_id):
     if not run_id:
         raise UserError("Pick a run first.")
-    try:
-        return run_store().get(run_id)
-    except KeyError:
-        raise UserError("That run no longer exists.") from None
+    return run_store().get(run_id)
 
 
 def _adapter_of(run_id):

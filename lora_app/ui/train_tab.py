@@ -16,7 +16,8 @@ from pathlib import Path
 import gradio as gr
 
 from lora_app.ui import charts
-from lora_app.ui.common import UserError, expected_errors, fmt_seconds, model_config_for, run_store
+from lora_app.errors import SettingsError, UserError
+from lora_app.ui.common import fmt_seconds, model_config_for, run_store
 from lora_app.ui.data_tab import dataset_label
 from lora_app.ui.form import FIELDS, config_from_values
 
@@ -49,11 +50,10 @@ def start_run(name, data_path, *values):
     Problems with the settings come back as the status text (all of them at once), not as a toast."""
     try:
         return _start(name, data_path, values)
-    except expected_errors() as err:
-        text = str(err)
-        if text.startswith("Cannot start training:"):
-            text = text.split(":", 1)[1].strip()
-        return f"**Cannot start training:**\n\n{text}", gr.skip()
+    except SettingsError as err:
+        return "**Cannot start training:**\n\n" + "\n".join(f"- {p}" for p in err.problems.values()), gr.skip()
+    except UserError as err:
+        return f"**Cannot start training:**\n\n{err}", gr.skip()
 
 
 def _start(name, data_path, values):
