@@ -40,7 +40,7 @@ def make_adapters(model, folder: Path, rank: int, count: int = 3) -> list[Path]:
     """Save ``count`` random adapters for ``model`` (attached only while saving)."""
     folders = []
     for i in range(count):
-        add_adapter(model, LoraConfig(r=rank, alpha=2 * rank, targets="all-linear"), "bench_tmp")
+        add_adapter(model, LoraConfig(rank=rank, alpha=2 * rank, targets="all-linear"), "bench_tmp")
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for module in adapter_modules(model, "bench_tmp").values():

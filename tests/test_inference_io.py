@@ -97,11 +97,11 @@ def test_export_merged_loads_with_plain_transformers_and_matches(base, assets, t
     base.export_merged(folder, None, overwrite=True)  # None: the current mode's adapters
 
 
-def test_export_adapter_zip_roundtrip(base, assets, tmp_path):
+def test_adapter_zip_roundtrip(base, assets, tmp_path):
     name = base.load_adapter(assets["c"])
-    archive = base.export_adapter_zip(name, tmp_path / "out" / "c.zip")
+    archive = zip_adapter(assets["c"], tmp_path / "out" / "c.zip")
     with pytest.raises(InferenceError, match="already exists"):
-        base.export_adapter_zip(name, archive)
+        zip_adapter(assets["c"], archive)
     assert base.load_adapter(archive, name="c_again") == "c_again"
     assert base.generate("hi", settings=GREEDY, mode="c_again").text == base.generate("hi", settings=GREEDY,
                                                                                         mode=name).text

@@ -16,11 +16,11 @@ from lora_app.lora import LoraConfig, adapter_modules, add_adapter, save_adapter
 GREEDY = GenerationSettings(max_new_tokens=10, temperature=0.0, seed=0)
 
 
-def make_adapter(model, folder: Path, seed: int, r: int = 4, variant: str = "lora", scale: float = 0.5,
+def make_adapter(model, folder: Path, seed: int, rank: int = 4, variant: str = "lora", scale: float = 0.5,
                  targets="all-linear", dropout: float = 0.0) -> Path:
     """Add an adapter to ``model``, give lora_B random values, save it."""
     name = f"tmp{seed}"
-    add_adapter(model, LoraConfig(r=r, alpha=2 * r, targets=targets, variant=variant, dropout=dropout), name)
+    add_adapter(model, LoraConfig(rank=rank, alpha=2 * rank, targets=targets, variant=variant, dropout=dropout), name)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in adapter_modules(model, name).values():

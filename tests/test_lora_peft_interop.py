@@ -34,7 +34,7 @@ def test_ours_load_in_peft_with_the_same_logits(model_kind, variant, input_ids, 
     model = tiny_model(model_kind)
     # VeRA needs one shape for every layer in peft 0.21 unless projections are large enough; all-linear
     # mixes shapes, which is exactly what the shared-projection slicing must get right.
-    add_adapter(model, LoraConfig(r=4, alpha=8, variant=variant, targets="all-linear"))
+    add_adapter(model, LoraConfig(rank=4, alpha=8, variant=variant, targets="all-linear"))
     randomize([(n, p) for a in adapter_modules(model, "default").values() for n, p in a.named_parameters()], 0)
     ours = logits(model, input_ids)
     save_adapter(model, "default", tmp_path / "ours")

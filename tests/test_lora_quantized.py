@@ -18,7 +18,7 @@ def tiny_folder(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["lora", "dora", "vera"])
 def test_forward_and_backward_on_a_quantized_base(tiny_folder, quantization, variant, input_ids):
     model, _ = load_model(tiny_folder, quantization, device="cpu")
-    add_adapter(model, LoraConfig(r=4, variant=variant))
+    add_adapter(model, LoraConfig(rank=4, variant=variant))
     kinds = {type(layer.base_layer).__name__ for layer in lora_layers(model).values()}
     assert kinds == {"Linear4bit" if quantization == "4bit" else "Linear8bitLt"}
     with torch.no_grad():  # non-zero B so every adapter parameter gets a gradient
@@ -39,7 +39,7 @@ def test_in_place_merge_is_refused_but_export_dequantizes(tiny_folder, input_ids
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = load_model(tiny_folder, "4bit", device="cpu")
-    add_adapter(model, LoraConfig(r=4))
+    add_adapter(model, LoraConfig(rank=4))
     with torch.no_grad():
         for adapter in adapter_modules(model, "default").values():
             adapter.lora_B.weight.normal_(0, 0.1)
@@ -60,7 +60,7 @@ def test_in_place_merge_is_refused_but_export_dequantizes(tiny_folder, input_ids
 
 def test_adapter_trained_on_4bit_loads_on_full_precision(tiny_folder, input_ids, tmp_path):
     model, _ = load_model(tiny_folder, "4bit", device="cpu")
-    add_adapter(model, LoraConfig(r=4))
+    add_adapter(model, LoraConfig(rank=4))
     save_adapter(model, "default", tmp_path / "a")
     full = tiny_model("llama")
     load_adapter(full, tmp_path / "a")

@@ -8,9 +8,10 @@ import torch
 
 from conftest import save_tiny, tiny_model
 from lora_app.training.batches import plan_batches
-from lora_app.training.config import TrainConfig, TrainConfigError
+from lora_app.errors import TrainConfigError, TrainingError
+from lora_app.training.config import TrainConfig
 from lora_app.training.loss import linear_cross_entropy, reference_cross_entropy
-from lora_app.training.trainer import Callbacks, TrainingError, train
+from lora_app.training.trainer import Callbacks, train
 
 QA = [("What is the capital of France?", "Paris."), ("Say hi.", "Hi!"), ("2+2?", "4"),
       ("Name a color.", "Blue."), ("Opposite of up?", "Down."), ("A fruit?", "An apple."),
@@ -215,19 +216,18 @@ def test_bad_data_gives_the_data_message(tiny_llama, tmp_path):
 
 
 def test_out_of_memory_gives_advice():
-    from lora_app.training.cli import _explain
+    from lora_app.training.cli import explain
 
-    message = _explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    message = explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert "smaller batch" in message and "4-bit" in message and "gradient-checkpointing" in message
 
 
 def test_memory_estimate_counts_the_real_trainable_parameters(tiny_llama, qa_data, tmp_path):
-    from lora_app.lora import LoraConfig
     from lora_app.models import load_config
     from lora_app.training.memory import estimate_memory
 
     config = config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=1)
-    estimate = estimate_memory(config, load_config(tiny_llama), LoraConfig(r=4, alpha=8))
+    estimate = estimate_memory(config, load_config(tiny_llama), "cpu")
     outcome = train(config, quiet()[0])
     assert estimate["trainable_params"] == outcome.summary["trainable_params"]
     assert estimate["total_bytes"] == sum(v for k, v in estimate.items() if k.endswith("_bytes") and k != "total_bytes")

@@ -73,8 +73,8 @@ def test_cli_command_runs_the_same_settings():
 
 # ---- data tab -----------------------------------------------------------------------------------
 def test_parse_mapping_both_spellings_and_mistakes():
-    from lora_app.ui.common import UserError
-    from lora_app.ui.data_tab import parse_mapping
+    from lora_app.data import parse_mapping
+    from lora_app.errors import UserError
 
     assert parse_mapping("") is None
     assert parse_mapping("prompt=Frage, completion = Antwort") == {"prompt": "Frage", "completion": "Antwort"}
@@ -162,7 +162,7 @@ def no_worker(monkeypatch):
     from lora_app.training import worker
 
     started = []
-    monkeypatch.setattr(worker, "_start", lambda store, run_id, config: started.append(run_id))
+    monkeypatch.setattr(worker, "_start", lambda store, run: started.append(run.id))
     return started
 
 
@@ -194,7 +194,8 @@ def test_double_click_starts_one_run(home, tiny_llama, dataset, no_worker):
 
 
 def test_cancel_resume_and_queue(home, tiny_llama, dataset, no_worker):
-    from lora_app.ui.common import UserError, run_store
+    from lora_app.errors import UserError
+    from lora_app.ui.common import run_store
     from lora_app.ui.train_tab import cancel_run, queue_rows, resume_run, start_run
 
     start_run("a", dataset, *form_list(model=tiny_llama, seq_len=64))
@@ -273,7 +274,7 @@ def finished_run(home, tiny_llama, dataset):
     config = TrainConfig(model=tiny_llama, data=dataset, rank=4, alpha=8, seq_len=64, max_steps=3)
     run = store.create_run(config.to_dict(), name="pirate.v1")
     model, _ = load_model(tiny_llama)
-    add_adapter(model, LoraConfig(r=4, alpha=8, base_model_name_or_path=tiny_llama), "default")
+    add_adapter(model, LoraConfig(rank=4, alpha=8, base_model_name_or_path=tiny_llama), "default")
     save_adapter(model, "default", Path(run.output) / "adapter")
     store.finish(run.id, "completed", summary=dict(final_loss=1.5, eval_loss=1.7, steps=3, wall_seconds=12.0,
                                                  useful_tokens_per_second=321.0, trainable_params=1000))
@@ -298,7 +299,8 @@ def test_runs_table_details_and_diff(finished_run, tiny_llama, dataset):
 def test_zip_delete_with_confirmation(finished_run):
     import zipfile
 
-    from lora_app.ui.common import UserError, run_store
+    from lora_app.errors import UserError
+    from lora_app.ui.common import run_store
     from lora_app.ui.runs_tab import ask_delete, delete_run, zip_run
 
     path = zip_run(finished_run.id)

@@ -3,28 +3,23 @@
 Public API
 ----------
 
-``prepare_dataset(source, tokenizer, *, format=None, mapping=None, template=None, max_length=1024,
-train_on_prompt=False, packing=False, val_fraction=0.0, val_path=None, seed=0,
+``prepare_dataset(source, tokenizer, *, format=None, mapping=None, template=None, seq_len=1024,
+train_on_prompt=False, packing=False, val_fraction=0.0, val_data=None, seed=0,
 max_file_bytes=DEFAULT_MAX_FILE_BYTES, txt_split="blank_line", limit=None) -> PreparedData``
     Read, map, split, render and tokenize a dataset. ``PreparedData`` has ``train`` and ``val``
     (lists of ``{"input_ids", "labels"}``, plus ``position_ids`` when packed; unpadded),
-    ``report`` (:class:`DataReport`), ``template`` (:class:`ChatTemplate`, to chat with the same
-    rendering afterwards) and ``lengths`` (token counts before truncation).
+    ``report`` (:class:`DataReport`) and ``lengths`` (token counts before truncation).
 
 ``preview_dataset(source, tokenizer, *, examples=3, bins=20, **prepare_options) -> Preview``
     The same pipeline, described for the UI: ``preview.report`` (format, columns, mapping,
     template, row counts, skipped rows by reason, notes), ``preview.examples`` (``(text,
     trained)`` spans decoded from the token ids), ``preview.lengths`` (:class:`LengthStats`: min,
-    median, p95, max and a histogram as counts and bin edges), ``summary()``, ``to_markdown()``
-    and ``to_html()`` (trained text marked).
+    median, p95, max and a histogram as counts and bin edges), ``summary()`` and ``to_html()``
+    (trained text marked).
 
 ``collate(examples, pad_token_id) -> dict[str, Tensor]``
     Pad a batch to its longest example (labels -100 on padding). Packed batches come with
-    ``position_ids`` and no ``attention_mask``: see :mod:`lora_app.data.packing` for why and for
-    ``block_causal_mask(position_ids, dtype=None)``, the explicit mask for models that need it.
-
-``render_prompt(messages, tokenizer, template=None) -> str``
-    The prompt for the next assistant turn, rendered as in training (use it in chat).
+    ``position_ids`` and no ``attention_mask``: see :mod:`lora_app.data.packing` for why.
 
 ``DataError``
     Raised for every dataset that cannot be used; ``str(err)`` is the message for the user.
@@ -42,10 +37,10 @@ Options
 * ``template``: ``None``/``"auto"`` (the tokenizer's chat template, else ``alpaca``),
   ``"tokenizer"``, or a name in ``NAMED_TEMPLATES`` (``alpaca``, ``chatml``). Every assistant
   turn is trained up to and including the tokenizer's EOS token. See :mod:`~lora_app.data.templates`.
-* ``max_length``: longer examples are truncated (counted in ``report.truncated``);
+* ``seq_len``: longer examples are truncated (counted in ``report.truncated``);
   ``train_on_prompt``: train on every token, not only assistant turns; ``packing``: concatenate
-  short examples into sequences of up to ``max_length`` tokens (:mod:`~lora_app.data.packing`).
-* ``val_fraction`` (under ``seed``) or ``val_path``: the validation set.
+  short examples into sequences of up to ``seq_len`` tokens (:mod:`~lora_app.data.packing`).
+* ``val_fraction`` (under ``seed``) or ``val_data``: the validation set.
 * ``max_file_bytes``: larger files are refused; ``limit``: read only the first rows (a quick
   preview of a big file).
 
@@ -58,32 +53,29 @@ from pathlib import Path
 
 from .errors import DataError
 from .formats import FORMATS, Sample, parse_mapping
-from .packing import block_causal_mask, collate, pack_examples
-from .pipeline import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LENGTH, PreparedData, prepare_dataset
+from .packing import collate, pack_examples
+from .pipeline import DEFAULT_MAX_FILE_BYTES, DEFAULT_SEQ_LEN, PreparedData, prepare_dataset
 from .preview import LengthStats, Preview, preview_dataset
 from .report import DataReport
-from .templates import NAMED_TEMPLATES, ChatTemplate, render_prompt
+from .templates import NAMED_TEMPLATES
 
 DEMO_DATASET = Path(__file__).resolve().parents[2] / "assets" / "demo_captain_byte.jsonl"
 
 __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
-    "DEFAULT_MAX_LENGTH",
+    "DEFAULT_SEQ_LEN",
     "DEMO_DATASET",
     "FORMATS",
     "NAMED_TEMPLATES",
-    "ChatTemplate",
     "DataError",
     "DataReport",
     "LengthStats",
     "PreparedData",
     "Preview",
     "Sample",
-    "block_causal_mask",
     "collate",
     "pack_examples",
     "parse_mapping",
     "prepare_dataset",
     "preview_dataset",
-    "render_prompt",
 ]

@@ -27,12 +27,12 @@ def encode_samples(
     template: ChatTemplate,
     report: DataReport,
     *,
-    max_length: int,
+    seq_len: int,
     train_on_prompt: bool = False,
 ) -> tuple[list[dict[str, list[int]]], list[int]]:
     """Examples ``{"input_ids", "labels"}`` for the samples, and their lengths before truncation.
 
-    A sequence longer than ``max_length`` keeps its first ``max_length`` tokens and is counted in
+    A sequence longer than ``seq_len`` keeps its first ``seq_len`` tokens and is counted in
     ``report.truncated``; one left with nothing to train on is skipped and counted instead.
     """
     examples, lengths = [], []
@@ -52,11 +52,11 @@ def encode_samples(
                 input_ids += piece
                 labels += piece if trained or train_on_prompt else [IGNORE_INDEX] * len(piece)
             length = len(input_ids)
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            input_ids, labels = input_ids[:seq_len], labels[:seq_len]
             if all(label == IGNORE_INDEX for label in labels[1:]):  # label 0 is never predicted
-                report.skip(f"the prompt fills max_length ({max_length} tokens): nothing left to train on", sample.where)
+                report.skip(f"the prompt fills seq_len ({seq_len} tokens): nothing left to train on", sample.where)
                 continue
-            report.truncated += length > max_length
+            report.truncated += length > seq_len
             examples.append({"input_ids": input_ids, "labels": labels})
             lengths.append(length)
     return examples, lengths

@@ -1,7 +1,7 @@
 """Packing short examples into long sequences, batching, and keeping packed examples apart.
 
 **What packing does.** :func:`pack_examples` concatenates consecutive examples (in order) into
-sequences of at most ``max_length`` tokens, so a batch holds few padding tokens. Each packed
+sequences of at most ``seq_len`` tokens, so a batch holds few padding tokens. Each packed
 sequence carries ``position_ids`` that restart at 0 where each example starts; the first label of
 every example is ``-100``, so no token is trained to follow the end of the previous example.
 
@@ -11,9 +11,8 @@ transformers 5 this happens inside the model: when a forward call gets ``positio
 the restarts in ``position_ids`` and builds a block-diagonal causal mask -- for the eager, SDPA,
 flash and flex attention paths alike (``transformers.masking_utils.find_packed_sequence_indices``).
 Passing an ``attention_mask`` switches that off, which is why :func:`collate` returns none for
-packed batches. For a model that ignores ``position_ids`` (or a custom loop), build the mask
-explicitly with :func:`block_causal_mask` and pass it as a 4D ``attention_mask``. Without either,
-packed examples would attend to each other: only positions would be right.
+packed batches. A model that ignores ``position_ids`` would let packed examples attend to each
+other: only positions would be right.
 """
 
 import torch
@@ -21,16 +20,16 @@ import torch
 from .encode import IGNORE_INDEX
 
 
-def pack_examples(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Greedily concatenate consecutive examples into sequences of at most ``max_length`` tokens.
+def pack_examples(examples: list[dict[str, list[int]]], seq_len: int) -> list[dict[str, list[int]]]:
+    """Greedily concatenate consecutive examples into sequences of at most ``seq_len`` tokens.
 
-    Examples are never split (they are already truncated to ``max_length``); order is kept, so
+    Examples are never split (they are already truncated to ``seq_len``); order is kept, so
     packing is deterministic. Each result has ``input_ids``, ``labels`` and ``position_ids``.
     """
     packed: list[dict[str, list[int]]] = []
     for example in examples:
         ids = example["input_ids"]
-        if not packed or len(packed[-1]["input_ids"]) + len(ids) > max_length:
+        if not packed or len(packed[-1]["input_ids"]) + len(ids) > seq_len:
             packed.append({"input_ids": [], "labels": [], "position_ids": []})
         current = packed[-1]
         current["input_ids"] += ids
@@ -60,21 +59,3 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
             batch["attention_mask"].append([1] * n + [0] * pad)
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
-
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The ``(batch, 1, seq, seq)`` causal mask that keeps packed examples apart.
-
-    Example boundaries are where ``position_ids`` does not go up by one (the rule transformers
-    uses). Returns a boolean mask (True = may attend, as SDPA takes it), or with ``dtype`` an
-    additive float mask (0 or the dtype's minimum, as eager attention takes it).
-    """
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    example = starts.cumsum(-1)
-    seq = position_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
-    mask = (example[:, :, None] == example[:, None, :]) & causal
-    mask = mask[:, None]
-    if dtype is None:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -19,9 +19,9 @@ from .packing import pack_examples
 from .readers import Record, read_records
 from .report import DataReport
 from .split import split_rows
-from .templates import ChatTemplate, resolve_template, text_template
+from .templates import resolve_template, text_template
 
-DEFAULT_MAX_LENGTH = 1024
+DEFAULT_SEQ_LEN = 1024
 # Refuse larger files: the tokenized dataset is held in memory (about 70 bytes per token).
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 _DETECT_ROWS = 100  # rows whose columns decide the layout
@@ -29,7 +29,7 @@ _DETECT_ROWS = 100  # rows whose columns decide the layout
 
 @dataclass
 class PreparedData:
-    """What training needs: examples, the report, and the template to chat with afterwards.
+    """What training needs: the examples and the report.
 
     ``train`` and ``val`` are lists of ``{"input_ids", "labels"}`` (plus ``position_ids`` when
     packed) with no padding; batch them with :func:`~lora_app.data.packing.collate`.
@@ -39,7 +39,6 @@ class PreparedData:
     train: list[dict[str, list[int]]]
     val: list[dict[str, list[int]]]
     report: DataReport
-    template: ChatTemplate
     lengths: list[int]
 
 
@@ -50,11 +49,11 @@ def prepare_dataset(
     format: str | None = None,
     mapping: Mapping[str, str] | None = None,
     template: str | None = None,
-    max_length: int = DEFAULT_MAX_LENGTH,
+    seq_len: int = DEFAULT_SEQ_LEN,
     train_on_prompt: bool = False,
     packing: bool = False,
     val_fraction: float = 0.0,
-    val_path: str | os.PathLike | None = None,
+    val_data: str | os.PathLike | None = None,
     seed: int = 0,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     txt_split: str = "blank_line",
@@ -65,22 +64,22 @@ def prepare_dataset(
     See the package docstring for the options. Raises :class:`DataError` with a message for the
     user when the dataset cannot be used; rows that cannot be used are counted in the report.
     """
-    if max_length < 2:
-        raise DataError(f"The maximum length must be at least 2 tokens, not {max_length}.")
-    if val_path is not None and val_fraction:
+    if seq_len < 2:
+        raise DataError(f"The maximum length must be at least 2 tokens, not {seq_len}.")
+    if val_data is not None and val_fraction:
         raise DataError("Use either a validation fraction or a validation file, not both.")
-    report = DataReport(source=_display_name(source), max_length=max_length)
+    report = DataReport(source=_display_name(source), seq_len=seq_len)
     fmt, samples = load_samples(
         source, report, format=format, mapping=mapping, max_file_bytes=max_file_bytes, txt_split=txt_split, limit=limit
     )
-    if val_path is None:
+    if val_data is None:
         train_samples, val_samples = split_rows(samples, val_fraction, seed)
         if val_fraction and not val_samples:
             report.note("There are too few rows for a validation split, so there is none.")
     else:
-        val_report = DataReport(source=_display_name(val_path))
+        val_report = DataReport(source=_display_name(val_data))
         _, val_samples = load_samples(
-            val_path, val_report, format=fmt.name, mapping=mapping, max_file_bytes=max_file_bytes, txt_split=txt_split
+            val_data, val_report, format=fmt.name, mapping=mapping, max_file_bytes=max_file_bytes, txt_split=txt_split
         )
         report.merge(val_report, "validation file")
         train_samples = samples
@@ -92,16 +91,16 @@ def prepare_dataset(
         if note:
             report.note(note)
     report.template = chat_template.name
-    options = dict(max_length=max_length, train_on_prompt=train_on_prompt)
+    options = dict(seq_len=seq_len, train_on_prompt=train_on_prompt)
     train, lengths = encode_samples(train_samples, tokenizer, chat_template, report, **options)
     val, _ = encode_samples(val_samples, tokenizer, chat_template, report, **options)
     if not train:
         raise DataError(_no_usable_rows(report))
     report.train_rows, report.val_rows = len(train), len(val)
     if packing:
-        train, val = pack_examples(train, max_length), pack_examples(val, max_length)
+        train, val = pack_examples(train, seq_len), pack_examples(val, seq_len)
         report.packed_sequences = len(train)
-    return PreparedData(train=train, val=val, report=report, template=chat_template, lengths=lengths)
+    return PreparedData(train=train, val=val, report=report, lengths=lengths)
 
 
 def load_samples(

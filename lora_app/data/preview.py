@@ -17,7 +17,6 @@ from .pipeline import prepare_dataset
 from .report import DataReport
 
 Span = tuple[str, bool]  # (text, trained)
-MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
 
 @dataclass
@@ -33,7 +32,7 @@ class LengthStats:
     hist_edges: list[float] = field(default_factory=list)  # len(hist_counts) + 1 bin edges
 
     @classmethod
-    def of(cls, lengths: list[int], max_length: int, bins: int = 20) -> "LengthStats":
+    def of(cls, lengths: list[int], seq_len: int, bins: int = 20) -> "LengthStats":
         values = np.asarray(lengths)
         counts, edges = np.histogram(values, bins=bins)
         return cls(
@@ -41,7 +40,7 @@ class LengthStats:
             median=int(round(float(np.median(values)))),
             p95=int(round(float(np.percentile(values, 95)))),
             max=int(values.max()),
-            over_max=int((values > max_length).sum()),
+            over_max=int((values > seq_len).sum()),
             hist_counts=counts.tolist(),
             hist_edges=edges.tolist(),
         )
@@ -67,22 +66,12 @@ class Preview:
             ("Tokens per example", f"min {s.min} · median {s.median} · p95 {s.p95} · max {s.max}"),
         ]
         if r.truncated:
-            lines.append(("Truncated", f"{r.truncated} rows cut to {r.max_length} tokens"))
+            lines.append(("Truncated", f"{r.truncated} rows cut to {r.seq_len} tokens"))
         if r.packed_sequences is not None:
-            lines.append(("Packing", f"{r.train_rows} examples → {r.packed_sequences} sequences of up to {r.max_length} tokens"))
+            lines.append(("Packing", f"{r.train_rows} examples → {r.packed_sequences} sequences of up to {r.seq_len} tokens"))
         lines += [("Skipped", line) for line in r.skipped_lines()]
         lines += [("Note", note) for note in r.notes]
         return lines
-
-    def to_markdown(self) -> str:
-        """The summary as a table, then the examples with trained text between ⟦ and ⟧."""
-        rows = ["| {} | {} |".format(label, value.replace("|", "\\|")) for label, value in self.summary()]
-        parts = ["| | |", "|---|---|", *rows, "", f"Examples (the model is trained on the text between {MARK_OPEN} and {MARK_CLOSE}):"]
-        for spans in self.examples:
-            text = "".join(f"{MARK_OPEN}{t}{MARK_CLOSE}" if trained else t for t, trained in spans)
-            fence = "````" if "```" in text else "```"
-            parts += ["", fence, text, fence]
-        return "\n".join(parts)
 
     def to_html(self) -> str:
         """The summary as a table, then the examples with trained text in ``<mark>``."""
@@ -106,11 +95,11 @@ def preview_dataset(source: str | os.PathLike, tokenizer, *, examples: int = 3, 
     data = prepare_dataset(source, tokenizer, **options)
     report = data.report
     if packing:
-        report.packed_sequences = len(pack_examples(data.train, report.max_length))
+        report.packed_sequences = len(pack_examples(data.train, report.seq_len))
     return Preview(
         report=report,
         examples=[trained_spans(example, tokenizer) for example in data.train[:examples]],
-        lengths=LengthStats.of(data.lengths, report.max_length, bins),
+        lengths=LengthStats.of(data.lengths, report.seq_len, bins),
     )
 
 

@@ -24,7 +24,7 @@ class DataReport:
     train_rows: int = 0
     val_rows: int = 0
     truncated: int = 0
-    max_length: int = 0
+    seq_len: int = 0
     packed_sequences: int | None = None
     skipped: Counter = field(default_factory=Counter)
     first_skipped_at: dict[str, str] = field(default_factory=dict)

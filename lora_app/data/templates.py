@@ -2,8 +2,8 @@
 
 A conversation is rendered with a Jinja chat template -- the tokenizer's own when it has one, or a
 named template from ``NAMED_TEMPLATES`` (``alpaca``, ``chatml``) -- through
-``tokenizer.apply_chat_template``, so training and chat render prompts the same way (use
-:func:`render_prompt` at inference).
+``tokenizer.apply_chat_template``; with the tokenizer's own template, training renders prompts
+exactly as chat does at inference.
 
 **How the trained spans are found.** The conversation is rendered incrementally: for each assistant
 turn, once up to the turn with the generation prompt, once including the turn. The first rendering
@@ -49,6 +49,7 @@ NAMED_TEMPLATES = {
     ),
 }
 TOKENIZER_TEMPLATE = "tokenizer"
+TEMPLATES = (TOKENIZER_TEMPLATE, *NAMED_TEMPLATES)  # what a user can choose (None: auto)
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,6 @@ def bos_text(tokenizer) -> str:
     bos_id = tokenizer.bos_token_id
     adds_bos = bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id]
     return tokenizer.bos_token if adds_bos else ""
-
-
-def render_prompt(messages: list[dict[str, str]], tokenizer, template: str | None = None) -> str:
-    """The prompt text for generating the next assistant turn, rendered as in training."""
-    chat_template, _ = resolve_template(tokenizer, template)
-    return chat_template.bos + _render(tokenizer, chat_template, messages, generation_prompt=True)
 
 
 def render_segments(sample: Sample, tokenizer, template: ChatTemplate) -> list[Segment]:

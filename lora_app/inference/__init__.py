@@ -8,7 +8,6 @@ from lora_app.inference.devices import DeviceChoice, choose_device
 from lora_app.inference.engine import DEFAULT_ADAPTER_BUDGET, InferenceEngine
 from lora_app.errors import InferenceError
 from lora_app.inference.export import push_to_hub, write_merged, zip_adapter
-from lora_app.inference.generate import chat_reply
 from lora_app.inference.modes import Mode
 from lora_app.inference.settings import GenerationSettings
 from lora_app.inference.streaming import Generation, GenerationStream
@@ -16,5 +15,5 @@ from lora_app.inference.streaming import Generation, GenerationStream
 __all__ = [
     "AdapterInfo", "BaseKey", "ComparisonResult", "DEFAULT_ADAPTER_BUDGET", "DeviceChoice", "Generation",
     "GenerationSettings", "GenerationStream", "InferenceEngine", "InferenceError", "LoadedBase", "Mode",
-    "chat_reply", "choose_device", "push_to_hub", "write_merged", "zip_adapter",
+    "choose_device", "push_to_hub", "write_merged", "zip_adapter",
 ]

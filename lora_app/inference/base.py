@@ -21,13 +21,13 @@ from pathlib import Path
 from lora_app.inference.cache import AdapterCache, AdapterInfo
 from lora_app.inference.compare import ComparisonResult, comparison_modes
 from lora_app.errors import InferenceError
-from lora_app.inference.export import write_merged, zip_adapter
+from lora_app.inference.export import write_merged
 from lora_app.inference.modes import Mode
 from lora_app.inference.prompts import encode_prompt, eos_token_ids
 from lora_app.inference.settings import GenerationSettings
 from lora_app.inference.sources import adapter_name_for, resolve_source
 from lora_app.inference.streaming import Generation, GenerationStream
-from lora_app.lora import merge_adapters
+from lora_app.lora import is_merged, merge_adapters, set_active_adapters, unmerge_adapters
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,6 @@ class LoadedBase:
                 return self.cache.add(folder, name or adapter_name_for(folder), explicit=name is not None,
                                       pinned=self._mode.adapters)
 
-    def forget_adapter(self, name: str) -> None:
-        """Detach ``name`` and forget it; the base model is used if it was part of the mode."""
-        with self._lock:
-            self.cache.get(name)
-            if name in self._mode.adapters:
-                self._locked_switch(Mode.base())
-            with self._locked_unmerged():
-                self.cache.forget(name)
-
     # ------------------------------------------------------------------------------------ modes
     def set_mode(self, mode: Mode | str | list | dict | None, merged: bool = False) -> float:
         """Switch to ``mode`` (see ``Mode.of``); returns the seconds it took. Between unmerged modes
@@ -114,7 +105,7 @@ class LoadedBase:
             return time.perf_counter() - start
 
     def _locked_switch(self, mode: Mode) -> None:
-        if mode == self._mode and mode.merged == self._locked_is_merged():
+        if mode == self._mode and mode.merged == is_merged(self.model, layers=self.cache.layers()):
             self.cache.use(mode.adapters, pinned=mode.adapters)
             return
         if mode.merged and self.quantized:
@@ -135,43 +126,24 @@ class LoadedBase:
             raise InferenceError(str(err)) from err
 
     def _locked_apply(self, mode: Mode) -> None:
-        self._locked_unmerge()  # before the cache may detach anything
+        unmerge_adapters(self.model, layers=self.cache.layers())  # before the cache may detach anything
         self.cache.use(mode.adapters, pinned=mode.adapters)
-        self._locked_activate(mode.adapters)
+        set_active_adapters(self.model, mode.adapters, layers=self.cache.layers())
         if mode.merged:
-            merge_adapters(self.model)
+            merge_adapters(self.model, layers=self.cache.layers())
         self._mode = mode
-
-    # ``set_active_adapters`` / ``unmerge_adapters`` / ``is_merged`` of the LoRA core do exactly this,
-    # but find the LoRA layers by walking every module of the model each time: several milliseconds
-    # per switch on SmolLM2 with three adapters attached. The cache keeps that list, and a switch
-    # refills each layer's ``active`` dict in place (assigning a new one goes through the slow
-    # ``nn.Module.__setattr__``): a pointer change of well under a millisecond.
-    def _locked_activate(self, weights: dict[str, float]) -> None:
-        for layer in self.cache.layers():
-            active = layer.active
-            active.clear()
-            active.update((name, w) for name, w in weights.items() if name in layer.adapters)
-
-    def _locked_unmerge(self) -> None:
-        for layer in self.cache.layers():
-            if layer.merged is not None:
-                layer.unmerge()
-
-    def _locked_is_merged(self) -> bool:
-        return any(layer.merged is not None for layer in self.cache.layers())
 
     @contextmanager
     def _locked_unmerged(self):
         """Cache changes detach layers' adapters, which must not happen under merged weights."""
-        merged = self._locked_is_merged()
+        merged = is_merged(self.model, layers=self.cache.layers())
         if merged:
-            self._locked_unmerge()
+            unmerge_adapters(self.model, layers=self.cache.layers())
         try:
             yield
         finally:
             if merged:
-                merge_adapters(self.model)
+                merge_adapters(self.model, layers=self.cache.layers())
 
     # ------------------------------------------------------------------------------- generation
     def stream(self, prompt: str, *, history: Iterable | None = None, system: str | None = None,
@@ -208,7 +180,7 @@ class LoadedBase:
         def prepare():
             return encode_prompt(self.tokenizer, prompt, history=history, system=system, raw=raw)
 
-        if before is None:  # called under the lock by compare: just label the result
+        if before is None:  # called under the lock by iter_compare: just label the result
             def before():
                 return self._mode.label
         return GenerationStream(self.model, self.tokenizer, prepare, settings, self.eos_token_ids,
@@ -242,10 +214,6 @@ class LoadedBase:
 
         return columns()
 
-    def compare(self, prompt: str, adapters: Iterable[str] = (), **kwargs) -> list[ComparisonResult]:
-        """All columns of ``iter_compare`` at once."""
-        return list(self.iter_compare(prompt, adapters, **kwargs))
-
     # ----------------------------------------------------------------------------------- export
     def export_merged(self, folder: str | os.PathLike, adapters: str | list | dict | None = None,
                       dtype=None, overwrite: bool = False) -> Path:
@@ -259,9 +227,3 @@ class LoadedBase:
                 return write_merged(self.model, self.tokenizer, folder, dtype=dtype, overwrite=overwrite)
             finally:
                 self._locked_switch(previous)
-
-    def export_adapter_zip(self, name: str, zip_path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Zip adapter ``name``'s folder (adapter_config.json + adapter_model.safetensors)."""
-        with self._lock:
-            folder = self.cache.get(name).folder
-        return zip_adapter(folder, zip_path, overwrite=overwrite)

@@ -88,9 +88,6 @@ class AdapterCache:
             raise InferenceError(f"no adapter named {name!r} is loaded; known adapters: {known}.")
         return self._entries[name]
 
-    def loaded_bytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values() if e.loaded)
-
     def lookup(self, folder: Path) -> str | None:
         """The name of the adapter already loaded from this folder, if its files have not changed."""
         real = os.path.realpath(folder)
@@ -130,20 +127,6 @@ class AdapterCache:
                 self._load(entry, pinned)
             self._entries.move_to_end(name)
 
-    def forget(self, name: str) -> None:
-        """Detach ``name`` and drop it from the list of known adapters."""
-        entry = self.get(name)
-        if entry.loaded:
-            self._detach(name)
-        del self._entries[name]
-
-    def evict(self, name: str) -> None:
-        """Detach ``name`` but remember it (it reloads on its next use)."""
-        entry = self.get(name)
-        if entry.loaded:
-            self._detach(name)
-            entry.loaded = False
-
     # ---------------------------------------------------------------------------------- internals
     def _unique(self, name: str) -> str:
         candidate, i = name, 2
@@ -165,7 +148,7 @@ class AdapterCache:
         self._layers = None  # new layers may have been wrapped
         entry.nbytes = adapter_nbytes(self.model, entry.name)
         entry.loaded, entry.loads, entry.fingerprint = True, entry.loads + 1, stamp
-        entry.variant, entry.rank, entry.base_model = config.variant, config.r, config.base_model_name_or_path
+        entry.variant, entry.rank, entry.base_model = config.variant, config.rank, config.base_model_name_or_path
         try:
             self._fit_budget(entry, pinned | {entry.name})
         except InferenceError:

@@ -5,7 +5,7 @@
     name = base.load_adapter("runs/my-run/adapter")              # or an uploaded folder / .zip
     for piece in base.stream("Hello!", mode=name): print(piece, end="")
     base.set_mode(Mode.mix({"a": 0.7, "b": 0.3}))                # a pointer change, no reload
-    base.compare("Hello!", ["a", "b"], mix={"a": 0.5, "b": 0.5})  # side by side, same seed
+    base.iter_compare("Hello!", ["a", "b"], mix={"a": 0.5, "b": 0.5})  # side by side, same seed
 
 One base model per (model, quantization, device) stays loaded — the expensive part — and a few
 (``max_bases``) are kept, least recently used dropped first. Adapters are small and hang off their
@@ -95,17 +95,6 @@ class InferenceEngine:
         """The bases in memory, least recently used first."""
         with self._lock:
             return list(self._bases)
-
-    def unload(self, model: str | os.PathLike | None = DEFAULT_MODEL, quantization: str | None = None, *,
-               device: str | None = None) -> bool:
-        """Drop a base and its adapters from memory; False if it was not loaded. A generation that
-        is running on it finishes first (it holds its own reference)."""
-        key = self.key(model, quantization, device=device)
-        with self._lock:
-            if key not in self._bases:
-                return False
-            self._drop(key)
-            return True
 
     def _drop(self, key: BaseKey) -> None:
         del self._bases[key]

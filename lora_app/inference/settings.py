@@ -6,7 +6,7 @@ defaults and of what is allowed, and so every problem is reported at once rather
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from lora_app.errors import InferenceError
 
@@ -63,9 +63,6 @@ class GenerationSettings:
     def with_(self, **changes) -> "GenerationSettings":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def generation_config(self, eos_token_id, pad_token_id):
         """A fresh transformers ``GenerationConfig``: the model's own sampling defaults (some hub models

@@ -1,6 +1,6 @@
 """Our LoRA core, plain PyTorch (no transformers, gradio or peft).
 
-    config = LoraConfig(r=8, alpha=16, targets="all-linear", variant="dora")
+    config = LoraConfig(rank=8, alpha=16, targets="all-linear", variant="dora")
     add_adapter(model, config, "mine")          # wraps the targeted layers, freezes the base
     set_active_adapters(model, {"mine": 1.0})   # or "mine", ["a", "b"], None for the base model
     merge_adapters(model); unmerge_adapters(model)
@@ -12,12 +12,12 @@
 from lora_app.lora.adapters import (DeltaLoraAdapter, DoraAdapter, LoraAdapter, LoraFAAdapter, VeraAdapter,
                                     VeraProjection)
 from lora_app.lora.config import VARIANTS, LoraConfig, LoraConfigError
-from lora_app.lora.delta import DeltaLoraUpdater, absorb, consolidate
+from lora_app.lora.delta import DeltaLoraUpdater, absorb
 from lora_app.lora.io import (AdapterLoadError, adapter_state, export_merged, load_adapter, merged_state_dict,
                               read_adapter, save_adapter)
 from lora_app.lora.layer import LoraLayer
-from lora_app.lora.model import (active_adapters, adapter_config, adapter_modules, adapter_names, add_adapter,
-                                 count_parameters, is_merged, lora_layers, merge_adapters, remove_adapter,
-                                 set_active_adapters, set_trainable, unmerge_adapters)
+from lora_app.lora.model import (adapter_config, adapter_modules, adapter_names, add_adapter, count_parameters,
+                                 is_merged, lora_layers, merge_adapters, remove_adapter, set_active_adapters,
+                                 set_trainable, unmerge_adapters)
 from lora_app.lora.optim import param_groups
 from lora_app.lora.targets import DEFAULT_TARGETS, TargetError, find_linear_modules, resolve_targets

@@ -62,10 +62,10 @@ class LoraAdapter(Adapter):
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, device=None):
         super().__init__()
         self.config = config
-        self.r = config.r
+        self.rank = config.rank
         self.scaling = config.scaling
-        self.lora_A = nn.Linear(in_features, config.r, bias=False, device=device)
-        self.lora_B = nn.Linear(config.r, out_features, bias=False, device=device)
+        self.lora_A = nn.Linear(in_features, config.rank, bias=False, device=device)
+        self.lora_B = nn.Linear(config.rank, out_features, bias=False, device=device)
         self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -161,11 +161,11 @@ class VeraProjection:
     Kept off the module tree on purpose: one CPU copy, and one cached copy per device/dtype in use.
     """
 
-    def __init__(self, r: int, max_in: int, max_out: int, seed: int = 0, A=None, B=None):
+    def __init__(self, rank: int, max_in: int, max_out: int, seed: int = 0, A=None, B=None):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         self.seed = seed
-        self.A = A if A is not None else self._kaiming((r, max_in), generator)
-        self.B = B if B is not None else self._kaiming((max_out, r), generator)
+        self.A = A if A is not None else self._kaiming((rank, max_in), generator)
+        self.B = B if B is not None else self._kaiming((max_out, rank), generator)
         self._cache: dict = {}
 
     @staticmethod
@@ -188,10 +188,10 @@ class VeraAdapter(Adapter):
     def __init__(self, in_features, out_features, config: LoraConfig, projection: VeraProjection, device=None):
         super().__init__()
         self.config = config
-        self.r = config.r
+        self.rank = config.rank
         self.in_features, self.out_features = in_features, out_features
         self.projection = projection
-        self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.vera_d_initial), device=device))
+        self.vera_lambda_d = nn.Parameter(torch.full((config.rank,), float(config.vera_d_initial), device=device))
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, device=device))
         self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from lora_app.errors import LoraConfigError
 
 VARIANTS = ("lora", "rslora", "dora", "lora-fa", "vera", "delta-lora")
+QUANTIZATIONS = ("none", "8bit", "4bit")  # how the base under an adapter may be stored (4bit: QLoRA)
 
 
 @dataclass
@@ -19,15 +20,15 @@ class LoraConfig:
     suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
 
     ``variant``:
-      lora        y = W0 x + s B A dropout(x),  s = alpha / r
-      rslora      the same with s = alpha / sqrt(r)  (rank-stabilised)
+      lora        y = W0 x + s B A dropout(x),  s = alpha / rank
+      rslora      the same with s = alpha / sqrt(rank)  (rank-stabilised)
       dora        W' = m * (W0 + sBA) / ||W0 + sBA||  per output row, norm detached
       lora-fa     plain LoRA with A frozen after init (only B trains)
       vera        y = W0 x + lambda_b * (B (lambda_d * (A x))), A, B frozen and shared, from ``vera_seed``
       delta-lora  plain LoRA whose optimizer steps also move W0 by ``delta_lambda`` * Delta(sBA)
     """
 
-    r: int = 8
+    rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str | list[str] | None = None
@@ -36,12 +37,11 @@ class LoraConfig:
     vera_seed: int = 0
     vera_d_initial: float = 0.1
     base_model_name_or_path: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         problems = {}
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            problems["r"] = f"rank r must be a whole number > 0 (got {self.r!r})"
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            problems["rank"] = f"rank must be a whole number > 0 (got {self.rank!r})"
         if not _number(self.alpha) or not self.alpha > 0:
             problems["alpha"] = f"alpha must be > 0 (got {self.alpha!r})"
         if not _number(self.dropout) or not 0 <= self.dropout < 1:
@@ -57,12 +57,12 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        """The factor s in front of BA: alpha / r, or alpha / sqrt(r) for rsLoRA; VeRA has none."""
+        """The factor s in front of BA: alpha / rank, or alpha / sqrt(rank) for rsLoRA; VeRA has none."""
         if self.variant == "vera":
             return 1.0
         if self.variant == "rslora":
-            return self.alpha / math.sqrt(self.r)
-        return self.alpha / self.r
+            return self.alpha / math.sqrt(self.rank)
+        return self.alpha / self.rank
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -44,17 +44,6 @@ def absorb(model: nn.Module, name: str) -> None:
             adapter.absorbed = adapter.delta_lambda
 
 
-@torch.no_grad()
-def consolidate(model: nn.Module, name: str) -> None:
-    """Undo ``absorb``: restore W0 and scale B by (1 + absorbed). The model computes the same
-    function, the base is pristine again, and the adapter is a plain LoRA adapter."""
-    for layer, adapter in _delta_layers(model, name):
-        if adapter.absorbed:
-            _add_to_base(layer, -adapter.absorbed * adapter.delta_weight())
-            adapter.lora_B.weight.mul_(1.0 + adapter.absorbed)
-            adapter.absorbed = 0.0
-
-
 class DeltaLoraUpdater:
     """Attach to an optimizer: ``DeltaLoraUpdater(model, "default", optimizer)``; ``remove()`` detaches."""
 

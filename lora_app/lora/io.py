@@ -76,17 +76,17 @@ def _peft_config(model: nn.Module, name: str, config: LoraConfig, paths: list[st
     # Leaf names are what vLLM/TGI expect; fall back to full paths when leaves would select more layers.
     leaves = leaf_names(paths)
     targets = leaves if sorted(resolve_targets(model, leaves)) == sorted(paths) else sorted(paths)
-    ranks = {path: lora_layers(model)[path].adapters[name].r for path in paths}
+    ranks = {path: lora_layers(model)[path].adapters[name].rank for path in paths}
     common = {
-        "r": config.r,
+        "r": config.rank,
         "target_modules": targets,
         "base_model_name_or_path": config.base_model_name_or_path,
         "task_type": "CAUSAL_LM",
         "bias": "none",
         "inference_mode": True,
     }
-    if any(r != config.r for r in ranks.values()):  # layers loaded from a peft rank_pattern
-        common["rank_pattern"] = {path: r for path, r in ranks.items() if r != config.r}
+    if any(rank != config.rank for rank in ranks.values()):  # layers loaded from a peft rank_pattern
+        common["rank_pattern"] = {path: rank for path, rank in ranks.items() if rank != config.rank}
     if any(is_conv1d(lora_layers(model)[p].base_layer) for p in paths):
         common["fan_in_fan_out"] = True
     if config.variant == "vera":
@@ -147,7 +147,7 @@ def _config_from_peft(peft: dict, metadata: dict) -> LoraConfig:
     if peft.get("bias", "none") != "none" or peft.get("modules_to_save"):
         raise AdapterLoadError("adapters that also train biases or whole modules (modules_to_save) are not supported.",
                                "unsupported")
-    common = dict(r=int(peft["r"]), base_model_name_or_path=peft.get("base_model_name_or_path"))
+    common = dict(rank=int(peft["r"]), base_model_name_or_path=peft.get("base_model_name_or_path"))
     if peft_type == "VERA":
         return LoraConfig(variant="vera", alpha=1.0, dropout=float(peft.get("vera_dropout", 0.0)),
                           vera_seed=int(peft.get("projection_prng_key", 0)),
@@ -194,10 +194,10 @@ def _check_shapes(model: nn.Module, config: LoraConfig, grouped: dict) -> dict[s
         parts = grouped[path]
         in_f, out_f = dims[path] = in_out_features(linear[path])
         if config.variant == "vera":
-            expected = {"vera_lambda_b": (out_f,), "vera_lambda_d": (config.r,)}
+            expected = {"vera_lambda_b": (out_f,), "vera_lambda_d": (config.rank,)}
         else:  # the rank follows the tensors: peft's rank_pattern gives layers different ranks
-            r = parts["lora_A.weight"].shape[0] if "lora_A.weight" in parts else config.r
-            expected = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
+            rank = parts["lora_A.weight"].shape[0] if "lora_A.weight" in parts else config.rank
+            expected = {"lora_A.weight": (rank, in_f), "lora_B.weight": (out_f, rank)}
             if config.variant == "dora":
                 expected["lora_magnitude_vector"] = (out_f,)
         for key, shape in expected.items():
@@ -216,13 +216,13 @@ def _vera_projection(config: LoraConfig, tensors: dict, dims: dict) -> VeraProje
     max_out = max(d[1] for d in dims.values())
     A, B = tensors.get("base_model.vera_A"), tensors.get("base_model.vera_B")
     if (A is None) != (B is None) or (A is not None and (
-            A.shape[0] != config.r or A.shape[1] < max_in or B.shape[0] < max_out or B.shape[1] != config.r)):
+            A.shape[0] != config.rank or A.shape[1] < max_in or B.shape[0] < max_out or B.shape[1] != config.rank)):
         raise AdapterLoadError(
             f"the VeRA projections (vera_A {None if A is None else tuple(A.shape)}, vera_B "
-            f"{None if B is None else tuple(B.shape)}) do not fit this model: it needs r={config.r}, "
+            f"{None if B is None else tuple(B.shape)}) do not fit this model: it needs r={config.rank}, "
             f"in >= {max_in}, out >= {max_out}.", "base"
         )
-    return VeraProjection(config.r, max_in, max_out, seed=config.vera_seed, A=A, B=B)
+    return VeraProjection(config.rank, max_in, max_out, seed=config.vera_seed, A=A, B=B)
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default", activate: bool = True) -> LoraConfig:
@@ -238,12 +238,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     dims = _check_shapes(model, config, grouped)
     if config.variant == "vera":
         attach(model, config, name, list(grouped), _vera_projection(config, tensors, dims))
-    else:  # one group per rank, each with its own scaling alpha / r
+    else:  # one group per rank, each with its own scaling alpha / rank
         by_rank: dict[int, list[str]] = {}
         for path, parts in grouped.items():
             by_rank.setdefault(parts["lora_A.weight"].shape[0], []).append(path)
-        for r, paths in by_rank.items():
-            config = LoraConfig(**{**config.to_dict(), "r": r})
+        for rank, paths in by_rank.items():
+            config = LoraConfig(**{**config.to_dict(), "rank": rank})
             attach(model, config, name, paths)
     for path, adapter in adapter_modules(model, name).items():
         adapter.load_tensors(grouped[path])

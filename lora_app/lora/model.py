@@ -2,9 +2,17 @@
 
 There is no wrapper model and no registry: adapters live in the ``LoraLayer`` wrappers that replace
 the targeted layers, and everything here walks those wrappers.
+
+Finding them means walking every module of the model: milliseconds on a real model, too slow for
+code that switches adapters on every request. The switching functions (``set_active_adapters``,
+``merge_adapters``, ``unmerge_adapters``, ``is_merged``) therefore take an optional ``layers``, the
+list ``lora_layers(model).values()`` kept by the caller; it only changes when an adapter is
+attached or detached.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -20,9 +28,17 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def _layers(model: nn.Module, layers: Iterable[LoraLayer] | None) -> list[LoraLayer]:
+    return list(lora_layers(model).values() if layers is None else layers)
+
+
 def adapter_names(model: nn.Module) -> list[str]:
+    return _adapter_names(lora_layers(model).values())
+
+
+def _adapter_names(layers: Iterable[LoraLayer]) -> list[str]:
     names: dict[str, None] = {}
-    for layer in lora_layers(model).values():
+    for layer in layers:
         names.update(dict.fromkeys(layer.adapters))
     return list(names)
 
@@ -86,7 +102,7 @@ def attach(model: nn.Module, config: LoraConfig, name: str, paths: list[str],
     if config.variant == "vera" and projection is None:
         max_in = max(layer.in_features for layer in layers)
         max_out = max(layer.out_features for layer in layers)
-        projection = VeraProjection(config.r, max_in, max_out, seed=config.vera_seed)
+        projection = VeraProjection(config.rank, max_in, max_out, seed=config.vera_seed)
     cls = ADAPTER_CLASSES[config.variant]
     for layer in layers:
         base = layer.base_layer
@@ -110,9 +126,11 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             layer.active.pop(name, None)
 
 
-def set_active_adapters(model: nn.Module, adapters: str | list[str] | dict[str, float] | None) -> None:
+def set_active_adapters(model: nn.Module, adapters: str | list[str] | dict[str, float] | None,
+                        layers: Iterable[LoraLayer] | None = None) -> None:
     """Choose what acts: None (the base model), one name, several names (weight 1 each), or a
-    weighted mix ``{"a": 0.7, "b": 0.3}``. Leaves merged mode first, so the switch is exact."""
+    weighted mix ``{"a": 0.7, "b": 0.3}``. Leaves merged mode first, so the switch is exact.
+    Raises ``KeyError`` for a name no layer has."""
     if adapters is None:
         weights: dict[str, float] = {}
     elif isinstance(adapters, str):
@@ -121,25 +139,21 @@ def set_active_adapters(model: nn.Module, adapters: str | list[str] | dict[str, 
         weights = {k: float(v) for k, v in adapters.items()}
     else:
         weights = dict.fromkeys(adapters, 1.0)
-    known = adapter_names(model)
+    layers = _layers(model, layers)
+    known = _adapter_names(layers)
     missing = [n for n in weights if n not in known]
     if missing:
         raise KeyError(f"unknown adapter(s) {', '.join(missing)}; the model has: {', '.join(known) or 'none'}")
-    for layer in lora_layers(model).values():
+    for layer in layers:
         layer.unmerge()
-        layer.active = {n: w for n, w in weights.items() if n in layer.adapters}
+        # Refilled in place: assigning a new dict would go through the slow nn.Module.__setattr__.
+        layer.active.clear()
+        layer.active.update((n, w) for n, w in weights.items() if n in layer.adapters)
 
 
-def active_adapters(model: nn.Module) -> dict[str, float]:
-    active: dict[str, float] = {}
-    for layer in lora_layers(model).values():
-        active.update(layer.active)
-    return active
-
-
-def merge_adapters(model: nn.Module) -> None:
+def merge_adapters(model: nn.Module, layers: Iterable[LoraLayer] | None = None) -> None:
     """Fold the active mix into the base weights (zero extra latency); exact, undone by unmerge."""
-    layers = lora_layers(model).values()
+    layers = _layers(model, layers)
     for layer in layers:  # check all before changing any, so a refusal leaves nothing half-merged
         if layer.active:
             layer._weight_param()
@@ -147,13 +161,13 @@ def merge_adapters(model: nn.Module) -> None:
         layer.merge()
 
 
-def unmerge_adapters(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
+def unmerge_adapters(model: nn.Module, layers: Iterable[LoraLayer] | None = None) -> None:
+    for layer in _layers(model, layers):
         layer.unmerge()
 
 
-def is_merged(model: nn.Module) -> bool:
-    return any(layer.merged is not None for layer in lora_layers(model).values())
+def is_merged(model: nn.Module, layers: Iterable[LoraLayer] | None = None) -> bool:
+    return any(layer.merged is not None for layer in _layers(model, layers))
 
 
 def set_trainable(model: nn.Module, name: str | None) -> None:

@@ -48,11 +48,3 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     else:
         weight = module.weight
     return weight if dtype is None else weight.to(dtype)
-
-
-def float_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype the layer computes in (the compute dtype for quantized layers)."""
-    if is_quantized(module):
-        compute = getattr(module, "compute_dtype", None)
-        return compute or torch.float32
-    return module.weight.dtype

@@ -10,6 +10,8 @@ epoch), which is what lets a resumed run see exactly the batches it would have s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MEGA_BATCH = 50
@@ -54,3 +56,29 @@ def split_by_tokens(indices: list[int], lengths: list[int], batch_size: int, bud
                 continue
         chunks.append([i])
     return chunks
+
+
+class StepPlan:
+    """Which examples each optimizer step trains on: ``grad_accum`` batches of the epoch plans, re-cut
+    into micro-batches under the token budget. Depends only on the step number, so a resumed run
+    sees exactly the batches it would have seen."""
+
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, group_by_length: bool,
+                 shard: tuple[int, int], token_budget: int):
+        self.lengths, self.batch_size, self.grad_accum, self.seed = lengths, batch_size, grad_accum, seed
+        self.group_by_length, self.shard, self.token_budget = group_by_length, shard, token_budget
+        self.batches_per_epoch = len(self._epoch(0))
+        self.steps_per_epoch = max(1, self.batches_per_epoch // grad_accum)
+
+    @functools.lru_cache(maxsize=2)  # a step's micro-batches span at most two epochs
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        return plan_batches(self.lengths if self.group_by_length else [0] * len(self.lengths), self.batch_size,
+                            self.seed, epoch, self.group_by_length, self.shard)
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """Example indices of each micro-batch of optimizer step ``step`` (0-based)."""
+        indices = []
+        for index in range(step * self.grad_accum, (step + 1) * self.grad_accum):
+            epoch, position = divmod(index, self.batches_per_epoch)
+            indices += self._epoch(epoch)[position]
+        return split_by_tokens(indices, self.lengths, self.batch_size, self.token_budget)

@@ -1,158 +1,227 @@
-"""A training run's settings: one dataclass for the CLI flags, the config file and the UI.
+"""A training run's settings, declared once.
 
-Everything is checked before a model or a dataset is loaded, and every problem is reported at once.
+Every setting is one field of ``TrainConfig`` with its type, default, meaning (``help``), group and
+checks. Everything else is derived from these declarations: the command line
+(``training/cli.py``), the studio form (``ui/form.py``), the YAML/JSON config files and the run's
+``config.json``. The adapter settings carry the LoRA core's own names, and ``lora_config()`` is the
+one conversion to its ``LoraConfig``, which checks them. Importable without torch.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lora_app.lora.config import VARIANTS
+import yaml
+
+from lora_app.data.formats import FORMATS
+from lora_app.data.templates import TEMPLATES
+from lora_app.errors import LoraConfigError, TrainConfigError
+from lora_app.lora.config import QUANTIZATIONS, VARIANTS, LoraConfig
+from lora_app.paths import write_json
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-QUANTIZATIONS = ("none", "8bit", "4bit")
+GROUPS = ("data", "model", "adapter", "optimization", "evaluation and checkpoints", "run")
+
+
+def setting(default, help: str, group: str, *, label: str | None = None, choices: tuple | None = None,
+            above: float | None = None, at_least: float | None = None, below: float | None = None,
+            unset: str | None = None, lora: bool = False, required: bool = False):
+    """A TrainConfig field. ``choices``: the allowed values; ``above`` / ``at_least`` / ``below``: the
+    bounds a number must keep; ``unset``: what None means, for a setting that may be left unset;
+    ``lora``: a field of the same name in the core's ``LoraConfig``, which checks it; ``required``: a
+    run cannot start without it (None is allowed while editing)."""
+    assert group in GROUPS, group
+    meta = dict(help=help, group=group, label=label, choices=choices, above=above, at_least=at_least, below=below,
+                unset=unset, lora=lora, required=required)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    model: str = "default"
-    data: str | None = None
-    output: str | None = None
-    val_data: str | None = None
-    data_format: str | None = None
-    data_mapping: dict | None = None  # format field -> column name, to map columns by hand
-    template: str | None = None
-    train_on_prompt: bool = False
-    # LoRA
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: str | None = None  # comma list, regex, "all-linear"; None = architecture default
-    variant: str = "lora"
-    lora_plus_ratio: float | None = None
-    delta_lambda: float = 0.5
-    quantization: str = "none"
-    double_quant: bool = True
-    # optimisation
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_batch_tokens: int | None = None  # cap on padded tokens per micro-batch; None = auto, 0 = no cap
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup: float = 0.03  # < 1: fraction of steps; >= 1: a number of steps
-    max_grad_norm: float = 1.0
-    seq_len: int = 512
-    packing: bool = False
-    val_fraction: float = 0.0
-    eval_every: int = 0  # steps; 0 = at the end only (when there is validation data)
-    save_every: int = 0  # steps; 0 = only the final adapter (and a checkpoint when cancelled)
-    log_every: int = 1
-    seed: int = 42
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    resume: bool = False
+    # data
+    data: str | None = setting(None, "training data: a file (JSON, JSONL, CSV, TSV, Parquet, TXT) or a folder",
+                               "data", required=True)
+    val_data: str | None = setting(None, "validation data file (instead of --val-fraction)", "data",
+                                   label="validation data", unset="none")
+    val_fraction: float = setting(0.0, "share of the training rows held out for validation", "data",
+                                  label="validation fraction", at_least=0, below=1)
+    data_format: str | None = setting(None, "the dataset's layout", "data", label="data format",
+                                      choices=tuple(FORMATS), unset="detected from the columns")
+    data_mapping: dict | None = setting(None, "map the layout's fields to your columns by hand: field=column,... "
+                                        "(e.g. instruction=question,output=answer)", "data", label="column mapping",
+                                        unset="the layout's own column names")
+    template: str | None = setting(None, "chat template", "data", choices=TEMPLATES,
+                                   unset="the tokenizer's own, else alpaca")
+    train_on_prompt: bool = setting(False, "train on the prompts too, not only the assistant's turns", "data")
+    seq_len: int = setting(512, "longest example in tokens; longer ones are truncated", "data",
+                           label="sequence length", above=0)
+    packing: bool = setting(False, "pack short examples together into sequences of --seq-len tokens", "data")
+    # model
+    model: str = setting("default", "'default' (the embedded SmolLM2-135M-Instruct), a Hub id or a local folder",
+                         "model")
+    quantization: str = setting("none", "load the base model quantized: 4bit is QLoRA", "model",
+                                choices=QUANTIZATIONS)
+    double_quant: bool = setting(True, "4-bit: quantize the quantization constants too (saves ~0.4 bit/weight)",
+                                 "model", label="double quantization")
+    trust_remote_code: bool = setting(False, "run the model repository's own Python code (only for repositories "
+                                      "you trust)", "model")
+    # adapter (LoraConfig's fields, under its names)
+    rank: int = setting(8, "LoRA rank r: the adapter's inner size", "adapter", lora=True)
+    alpha: float = setting(16.0, "LoRA alpha: the update is scaled by alpha / r", "adapter", lora=True)
+    dropout: float = setting(0.05, "dropout on the adapter's input", "adapter", lora=True)
+    targets: str | None = setting(None, "layers to adapt: comma list of module names, a regex, or all-linear",
+                                  "adapter", unset="the architecture's attention and MLP projections", lora=True)
+    variant: str = setting("lora", "lora, rslora (alpha/sqrt r), dora (weight-decomposed), lora-fa (A frozen), "
+                           "vera (shared random projections), delta-lora (also moves the base weights)", "adapter",
+                           choices=VARIANTS, lora=True)
+    delta_lambda: float = setting(0.5, "delta-lora: how far each step moves the base weights", "adapter", lora=True)
+    # optimization
+    epochs: float = setting(1.0, "passes over the training data (when --max-steps is unset)", "optimization",
+                            above=0)
+    max_steps: int | None = setting(None, "optimizer steps to train; overrides --epochs", "optimization",
+                                    label="max steps", above=0, unset="use epochs")
+    batch_size: int = setting(4, "examples per micro-batch", "optimization", label="batch size", above=0)
+    grad_accum: int = setting(1, "micro-batches per optimizer step (effective batch = batch size x this)",
+                              "optimization", label="gradient accumulation", above=0)
+    max_batch_tokens: int | None = setting(None, "cap on padded tokens per micro-batch (0: none); the optimizer "
+                                           "step is the same either way", "optimization", label="max batch tokens",
+                                           at_least=0, unset="2048 on a CPU, none on a GPU")
+    lr: float = setting(2e-4, "peak learning rate", "optimization", label="learning rate", above=0)
+    lora_plus_ratio: float | None = setting(None, "LoRA+: B learns this many times faster than A (16 is typical)",
+                                            "optimization", label="LoRA+ ratio", above=0, unset="off")
+    weight_decay: float = setting(0.0, "AdamW weight decay", "optimization", label="weight decay", at_least=0)
+    scheduler: str = setting("cosine", "learning-rate schedule after warmup", "optimization", choices=SCHEDULERS)
+    warmup: float = setting(0.03, "warmup: a fraction of the steps (< 1) or a number of steps (>= 1)",
+                            "optimization", at_least=0)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)", "optimization",
+                                   label="max grad norm", at_least=0)
+    seed: int = setting(42, "random seed: data order, validation split, adapter init, dropout", "optimization")
+    # evaluation and checkpoints
+    eval_every: int = setting(0, "evaluate every this many steps (0: at the end only, when there is validation "
+                              "data)", "evaluation and checkpoints", label="eval every", at_least=0)
+    save_every: int = setting(0, "save a checkpoint every this many steps (0: only the final adapter, and a "
+                              "checkpoint when cancelled)", "evaluation and checkpoints", label="save every",
+                              at_least=0)
+    log_every: int = setting(1, "log metrics every this many steps", "evaluation and checkpoints",
+                             label="log every", above=0)
+    # run
+    output: str | None = setting(None, "run folder (never overwritten; use --resume to continue one)", "run",
+                                 required=True)
+    resume: bool = setting(False, "continue the run in --output from its last checkpoint", "run")
+    precision: str = setting("auto", "auto: bf16 where the hardware has it natively, else fp32 (fp16 on older GPUs)",
+                             "run", choices=PRECISIONS)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
+                                           "~30 % slower", "run")
 
-    def problems(self) -> list[str]:
-        """Everything wrong with these settings, in plain words (empty when all is well)."""
-        p = []
-
-        def positive_int(name, value):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                p.append(f"{name} must be a whole number > 0 (got {value!r})")
-
-        if not self.data:
-            p.append("no training data given (--data)")
-        if self.data_mapping is not None and (not isinstance(self.data_mapping, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.data_mapping.items())):
-            p.append(f"the column mapping must map field names to column names (got {self.data_mapping!r})")
-        if not self.output:
-            p.append("no output folder given (--output)")
-        positive_int("rank", self.rank)
-        positive_int("batch size", self.batch_size)
-        positive_int("gradient accumulation", self.grad_accum)
-        positive_int("sequence length", self.seq_len)
-        positive_int("log-every", self.log_every)
-        if not _number(self.alpha) or self.alpha <= 0:
-            p.append(f"alpha must be > 0 (got {self.alpha!r})")
-        if not _number(self.dropout) or not 0 <= self.dropout < 1:
-            p.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
-        if not _number(self.lr) or self.lr <= 0:
-            p.append(f"learning rate must be > 0 (got {self.lr!r})")
-        if self.variant not in VARIANTS:
-            p.append(f"unknown variant {self.variant!r} (choose from {', '.join(VARIANTS)})")
-        if self.lora_plus_ratio is not None and (not _number(self.lora_plus_ratio) or self.lora_plus_ratio <= 0):
-            p.append(f"LoRA+ ratio must be > 0 (got {self.lora_plus_ratio!r})")
-        if self.quantization not in QUANTIZATIONS:
-            p.append(f"unknown quantization {self.quantization!r} (choose from {', '.join(QUANTIZATIONS)})")
-        if self.variant == "delta-lora" and self.quantization != "none":
-            p.append("delta-lora updates the base weights, so it needs quantization 'none'")
-        if self.scheduler not in SCHEDULERS:
-            p.append(f"unknown scheduler {self.scheduler!r} (choose from {', '.join(SCHEDULERS)})")
-        if self.precision not in PRECISIONS:
-            p.append(f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})")
-        if self.max_steps is None and (not _number(self.epochs) or self.epochs <= 0):
-            p.append(f"epochs must be > 0 (got {self.epochs!r})")
+    # -- checks ---------------------------------------------------------------------------------
+    def problems(self) -> dict[str, str]:
+        """Everything wrong with these settings, by setting, in plain words (empty when all is well)."""
+        found = {}
+        for f in fields(self):
+            if not f.metadata["lora"]:
+                problem = _check(f, getattr(self, f.name))
+                if problem:
+                    found[f.name] = problem
+        try:
+            self.lora_config()
+        except LoraConfigError as err:
+            found.update(err.problems)
         if self.max_steps is not None:
-            positive_int("max steps", self.max_steps)
-        if not _number(self.warmup) or self.warmup < 0:
-            p.append(f"warmup must be >= 0 (got {self.warmup!r})")
-        if not _number(self.val_fraction) or not 0 <= self.val_fraction < 1:
-            p.append(f"validation fraction must be in [0, 1) (got {self.val_fraction!r})")
-        for name in ("eval_every", "save_every", "max_batch_tokens"):
-            value = getattr(self, name)
-            if value is None and name == "max_batch_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                p.append(f"{name.replace('_', '-')} must be a whole number >= 0 (got {value!r})")
-        if not _number(self.max_grad_norm) or self.max_grad_norm < 0:
-            p.append(f"max grad norm must be >= 0 (got {self.max_grad_norm!r})")
-        return p
+            found.pop("epochs", None)  # epochs are not used
+        if self.variant == "delta-lora" and self.quantization != "none":
+            found["quantization"] = "delta-lora updates the base weights, so it needs quantization 'none'"
+        return found
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         problems = self.problems()
         if problems:
-            raise TrainConfigError("Cannot start training:\n- " + "\n- ".join(problems))
+            raise TrainConfigError(problems)
         return self
 
+    def lora_config(self) -> LoraConfig:
+        """The core's settings for this run's adapter (raises ``LoraConfigError`` when they are invalid)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["lora"]}
+        return LoraConfig(**values, base_model_name_or_path=str(self.model))
+
+    # -- files ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in values if k.replace("-", "_") not in names)
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """From a mapping with the fields' names (``-`` and ``_`` alike); unknown keys are refused."""
+        values = {key.replace("-", "_"): value for key, value in values.items()}
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise TrainConfigError(f"Unknown setting(s) in the config: {', '.join(unknown)}.")
-        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+            raise TrainConfigError({"config": f"unknown setting(s) in the config: {', '.join(unknown)}"})
+        return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
-        """Read a YAML or JSON config file (the same keys as the CLI flags)."""
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Read a YAML or JSON config file (the same keys as the fields, as in a run's config.json)."""
         path = Path(path)
         try:
             text = path.read_text()
         except OSError as err:
-            raise TrainConfigError(f"Cannot read the config file {path}: {err.strerror}.") from err
+            raise TrainConfigError({"config": f"cannot read the config file {path}: {err.strerror}"}) from err
         try:
-            if path.suffix.lower() == ".json":
-                values = json.loads(text)
-            else:
-                import yaml
-
-                values = yaml.safe_load(text)
-        except Exception as err:  # json and yaml raise different types; both mean "not parseable"
-            raise TrainConfigError(f"The config file {path} is not valid {path.suffix[1:].upper() or 'YAML'}: {err}") from err
+            values = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as err:
+            kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+            raise TrainConfigError({"config": f"the config file {path} is not valid {kind}: {err}"}) from err
         if not isinstance(values, dict):
-            raise TrainConfigError(f"The config file {path} must hold a mapping of settings.")
+            raise TrainConfigError({"config": f"the config file {path} must hold a mapping of settings"})
         return cls.from_dict(values)
 
+    def write(self, path: str | Path) -> None:
+        """Write the settings as JSON (a run's ``config.json``), atomically."""
+        write_json(path, self.to_dict())
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+# ---- what the declarations say, for the layers that derive from them -----------------------------
+def label(f) -> str:
+    """The setting's name in words ("learning rate")."""
+    return f.metadata["label"] or f.name.replace("_", " ")
+
+
+def value_type(f) -> type:
+    """The field's value type without None: int, float, bool, str or dict."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def optional(f) -> bool:
+    """Whether None (unset) is an allowed value."""
+    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name])
+
+
+def _check(f, value) -> str | None:
+    """What is wrong with ``value`` for field ``f``, or None."""
+    name, kind, meta = label(f), value_type(f), f.metadata
+    if value is None:
+        return f"no {name} given (--{f.name.replace('_', '-')})" if meta["required"] or not optional(f) else None
+    if meta["choices"] is not None:
+        return None if value in meta["choices"] else \
+            f"unknown {name} {value!r} (choose from {', '.join(meta['choices'])})"
+    if kind is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return None if ok else f"the {name} must map field names to column names (got {value!r})"
+    if kind is bool or kind is str:
+        return None if isinstance(value, kind) else f"{name} must be {'true or false' if kind is bool else 'text'} " \
+                                                    f"(got {value!r})"
+    whole = kind is int
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return f"{name} must be a {'whole number' if whole else 'number'} (got {value!r})"
+    low, high = meta["above"] if meta["above"] is not None else meta["at_least"], meta["below"]
+    too_low = low is not None and (value <= low if meta["above"] is not None else value < low)
+    if too_low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f"{'>' if meta['above'] is not None else '>='} {low}"
+        return f"{name} must be {'a whole number ' if whole else ''}{bound} (got {value!r})"
+    return None

@@ -14,9 +14,16 @@ It is a planning figure, stored next to the measured peak so both can be compare
 
 from __future__ import annotations
 
+import functools
+import json
 import resource
 
+import psutil
 import torch
+
+from lora_app.errors import TargetError
+from lora_app.lora import LoraConfig, add_adapter, count_parameters
+from lora_app.models import load_config, meta_model
 
 BYTES_PER_WEIGHT = {"none": None, "8bit": 1.03, "4bit": 0.56}
 RUNTIME_BYTES = {"cpu": 450 * 2**20, "cuda": 600 * 2**20}
@@ -26,51 +33,41 @@ LOSS_CHUNK = 1024
 CPU_BATCH_TOKENS = 2048
 
 
-def _count_parameters(model_config) -> int:
-    """Exact parameter count of the architecture, from a model built on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def _lora_parameters(model_config, lora) -> int:
-    """Trainable adapter parameters, by attaching the adapter to a meta-device model."""
-    from transformers import AutoModelForCausalLM
-
-    from lora_app.lora import add_adapter, count_parameters
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-        add_adapter(model, lora, "estimate")
-    return count_parameters(model)[0]
+@functools.lru_cache(maxsize=16)
+def parameter_counts(model: str, trust_remote_code: bool, lora: str) -> tuple[int, int]:
+    """(trainable adapter parameters, base parameters) for the model named ``model`` with the adapter
+    ``lora`` (a LoraConfig as JSON) attached: exact, from an empty-weight model built on the meta
+    device. Cached per (model, adapter settings): optimizer settings never rebuild it."""
+    meta = meta_model(load_config(model, trust_remote_code))
+    add_adapter(meta, LoraConfig(**json.loads(lora)), "estimate")
+    trainable, total = count_parameters(meta)
+    return trainable, total - trainable
 
 
-def estimate_memory(config, model_config, lora, device: str | None = None) -> dict:
-    """Bytes by component for a run of ``config`` (a TrainConfig) on ``model_config``."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def estimate_memory(config, model_config, device: str) -> dict:
+    """Bytes by component for a run of ``config`` (a TrainConfig) on ``model_config``, on a
+    ``device`` of type "cpu" or "cuda"."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0)
     vocab = getattr(text, "vocab_size", 0)
 
-    params = _count_parameters(model_config)
-    from lora_app.lora import TargetError
-
+    lora = config.lora_config()
     try:
-        trainable = _lora_parameters(model_config, lora)
+        trainable, params = parameter_counts(config.model, config.trust_remote_code,
+                                             json.dumps(lora.to_dict(), sort_keys=True))
     except TargetError:
         raise  # the user's targets are wrong: say so, don't estimate something else
     except Exception:  # an architecture that cannot be built on the meta device: the rank formula
-        trainable = 2 * lora.r * hidden * 7 * layers
+        trainable = 2 * lora.rank * hidden * 7 * layers
+        params = 12 * hidden * hidden * layers + vocab * hidden
     half = config.precision in ("bf16", "fp16") or (config.precision == "auto" and device == "cuda")
     per_weight = BYTES_PER_WEIGHT[config.quantization] or (2 if half and device == "cuda" else 4)
     act_bytes = 2 if half else 4
     tokens = config.batch_size * config.seq_len
     budget = config.max_batch_tokens if config.max_batch_tokens is not None else (CPU_BATCH_TOKENS if device == "cpu" else 0)
-    if budget:  # micro-batches are cut to the token budget (see trainer.step_batches)
+    if budget:  # micro-batches are cut to the token budget (see batches.StepPlan)
         tokens = min(tokens, max(budget, config.seq_len))
     if config.gradient_checkpointing:
         per_token = hidden * layers + 16 * hidden + 6 * inter
@@ -88,8 +85,6 @@ def estimate_memory(config, model_config, lora, device: str | None = None) -> di
 
 def memory_now(device: torch.device | str = "cpu") -> dict:
     """Process RSS (now and peak) always; CUDA allocated / reserved / peak on a GPU."""
-    import psutil
-
     values = dict(rss_bytes=psutil.Process().memory_info().rss,
                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if torch.device(device).type == "cuda":

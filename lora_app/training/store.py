@@ -120,10 +120,15 @@ class RunStore:
             db.close()
 
     # -- runs -------------------------------------------------------------------------------
+    @staticmethod
+    def new_id() -> str:
+        """A fresh run id: sortable by creation time, unique."""
+        return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
     def create_run(self, config: dict, output: str | os.PathLike | None = None, name: str | None = None,
                    device: str = "cpu", run_id: str | None = None) -> Run:
         """Register a queued run. Without ``output`` the run folder is ``<root>/<run id>``."""
-        run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        run_id = run_id or self.new_id()
         output = str(Path(output).resolve()) if output else str(self.root / run_id)
         name = name or Path(output).name
         with self._connect(immediate=True) as db:

@@ -1,20 +1,21 @@
-"""The training loop: one function, read top to bottom.
+"""The training recipe, in phases read top to bottom:
 
-    train(config, callbacks) -> summary
+    train(config, callbacks) -> Outcome
+        preflight          settings, output folder, model config: a mistake costs seconds, not a model load
+        Recipe.__init__    _setup_data, accelerate, _setup_model (load, quantize, attach or resume the
+                           adapter), _setup_plan (batches), _setup_optimizer (AdamW, LoRA+, schedule)
+        Recipe.run         _start, then per step _loss_step and _after_step (metrics, eval,
+                           checkpoint, cancel), then _finish (final eval, adapter, summary)
 
-Preflight (settings, output folder, model config, data) happens before the model loads, so a
-mistake costs seconds, not a model load. The loop runs on ``accelerate`` (device placement, mixed
-precision, data parallelism under ``accelerate launch`` / ``torchrun``); the optimizer sees only
-adapter parameters. Compute goes only where it is useful: batches are grouped by length (or packed),
-and the loss projects only labelled positions onto the vocabulary (see ``loss.py``).
+The loop runs on ``accelerate`` (device placement, mixed precision, data parallelism under
+``accelerate launch`` / ``torchrun``); the optimizer sees only adapter parameters. Compute goes only
+where it is useful: batches are grouped by length (or packed), and the loss projects only labelled
+positions onto the vocabulary (see ``loss.py``).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,18 +23,24 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import Accelerator
 from torch import nn
+from transformers import PretrainedConfig, get_scheduler, set_seed
 
-from lora_app.lora import DeltaLoraUpdater, LoraConfig, add_adapter, count_parameters, load_adapter, param_groups, \
+from lora_app.data import collate, prepare_dataset
+from lora_app.errors import TrainConfigError, TrainingError
+from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
-from lora_app.training.batches import plan_batches, split_by_tokens
+from lora_app.models import default_device, load_config, load_model, load_tokenizer
+from lora_app.paths import write_json
+from lora_app.training.batches import StepPlan
 from lora_app.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lora_app.training.config import TrainConfig, TrainConfigError
+from lora_app.training.config import TrainConfig
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
 from lora_app.training.memory import CPU_BATCH_TOKENS, estimate_memory, memory_now
 
 ADAPTER = "default"
-RUN_FILES = {"train.log", "config.json"}  # what the worker writes into a run folder before training starts
+RUN_FILES = {"train.log", "config.json"}  # what a run folder holds before its training has produced anything
 
 
 @dataclass
@@ -53,6 +60,27 @@ class Outcome:
 
 
 # ---- preflight ----------------------------------------------------------------------------------
+@dataclass
+class Checked:
+    """What preflight found: the run folder and the model's config."""
+
+    output: Path
+    model_config: PretrainedConfig
+
+
+def preflight(config: TrainConfig) -> Checked:
+    """Every check that needs no weights: the settings, the output folder, the model's config and
+    limits. Raises a ``UserError`` subclass naming every problem."""
+    config.validate()
+    output = check_output(config)
+    model_config = load_config(config.model, config.trust_remote_code)
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if limit and config.seq_len > limit:
+        raise TrainConfigError({"seq_len": f"sequence length {config.seq_len} is beyond the model's maximum of "
+                                           f"{limit} positions"})
+    return Checked(output, model_config)
+
+
 def check_output(config: TrainConfig) -> Path:
     """An existing run folder is never overwritten: only --resume may continue in it."""
     output = Path(config.output)
@@ -66,13 +94,6 @@ def check_output(config: TrainConfig) -> Path:
         raise TrainingError(f"The output folder {output} already holds a run ({', '.join(sorted(existing)[:4])}); "
                             "choose a new folder, or pass --resume to continue it.")
     return output
-
-
-def check_model_limits(config: TrainConfig, model_config) -> None:
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    if limit and config.seq_len > limit:
-        raise TrainConfigError(f"Cannot start training:\n- sequence length {config.seq_len} is beyond the model's "
-                               f"maximum of {limit} positions")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -123,219 +144,214 @@ def _to_device(batch: dict, device) -> dict:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def train(config: TrainConfig, callbacks: Callbacks | None = None) -> Outcome:
-    from accelerate import Accelerator
-    from transformers import get_scheduler, set_seed
+def train(config: TrainConfig, callbacks: Callbacks | None = None, checked: Checked | None = None) -> Outcome:
+    """Train one adapter as ``config`` says. ``checked``: a preflight the caller already ran."""
+    return Recipe(config, callbacks or Callbacks(), checked or preflight(config)).run()
 
-    from lora_app.data import collate, prepare_dataset
-    from lora_app.models import load_config, load_model, load_tokenizer
 
-    cb = callbacks or Callbacks()
-    config.validate()
-    output = check_output(config)
-    model_config = load_config(config.model, config.trust_remote_code)
-    check_model_limits(config, model_config)
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    data = prepare_dataset(config.data, tokenizer, format=config.data_format, mapping=config.data_mapping,
-                           template=config.template,
-                           max_length=config.seq_len, train_on_prompt=config.train_on_prompt, packing=config.packing,
-                           val_fraction=config.val_fraction, val_path=config.val_data, seed=config.seed)
-    cb.log(f"data: {data.report.train_rows} training rows, {data.report.val_rows} validation rows "
-           f"({data.report.format}, template {data.report.template}, {data.report.truncated} truncated)")
+class Recipe:
+    """One run: set up in phases by the constructor, trained by ``run()``."""
 
-    # cpu=True without a GPU: torchrun / accelerate launch then give data parallelism over gloo
-    accelerator = Accelerator(mixed_precision=resolve_precision(config.precision, _device()),
-                              cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    set_seed(config.seed)
-    lora = LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
-                      variant=config.variant, delta_lambda=config.delta_lambda,
-                      base_model_name_or_path=str(config.model))
-    estimate = estimate_memory(config, model_config, lora)
-    cb.log(f"memory estimate: {estimate['total_bytes'] / 2**30:.2f} GiB")
+    def __init__(self, config: TrainConfig, callbacks: Callbacks, checked: Checked):
+        self.config, self.cb, self.output = config, callbacks, checked.output
+        self._setup_data()
+        # cpu=True without a GPU: torchrun / accelerate launch then give data parallelism over gloo
+        self.accelerator = Accelerator(mixed_precision=resolve_precision(config.precision, torch.device(default_device())),
+                                       cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.main = self.accelerator.is_main_process  # with several processes, one writes the files
+        set_seed(config.seed)
+        self.estimate = estimate_memory(config, checked.model_config, self.device.type)
+        self.cb.log(f"memory estimate: {self.estimate['total_bytes'] / 2**30:.2f} GiB")
+        self._setup_model()
+        self._setup_plan()
+        self._setup_optimizer()
+        # The scheduler stays unprepared: accelerate would step it once per process, but our step count
+        # is already per process (each process sees its shard of the batches).
+        self.loss_model, self.optimizer = self.accelerator.prepare(CausalLMLoss(self.model), self.optimizer)
+        self.step, self.train_tokens, self.elapsed_before = 0, 0, 0.0
+        self.last_loss = self.eval_loss = None
+        if self.checkpoint is not None:
+            state = load_checkpoint(self.checkpoint, self.optimizer, self.scheduler)
+            self.step, self.train_tokens, self.elapsed_before = state["step"], state["train_tokens"], state["wall_seconds"]
+            self.cb.log(f"resumed from {self.checkpoint.name} at step {self.step}")
 
-    # -- model and adapter --
-    quantization = None if config.quantization == "none" else config.quantization
-    weights_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
-    model, _ = load_model(config.model, quantization, dtype=weights_dtype, device=str(device),
-                          double_quant=config.double_quant, trust_remote_code=config.trust_remote_code)
-    model.config.use_cache = False
-    checkpoint = latest_checkpoint(output) if config.resume else None
-    if checkpoint is not None:
-        for param in model.parameters():
-            param.requires_grad_(False)
-        load_adapter(model, checkpoint / "adapter", ADAPTER)
-        set_trainable(model, ADAPTER)
-    else:
-        add_adapter(model, lora, ADAPTER)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable, total = count_parameters(model)
+    # -- setup ----------------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        c = self.config
+        self.tokenizer = load_tokenizer(c.model, c.trust_remote_code)
+        self.data = prepare_dataset(c.data, self.tokenizer, format=c.data_format, mapping=c.data_mapping,
+                                    template=c.template, seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
+                                    packing=c.packing, val_fraction=c.val_fraction, val_data=c.val_data, seed=c.seed)
+        r = self.data.report
+        self.cb.log(f"data: {r.train_rows} training rows, {r.val_rows} validation rows "
+                    f"({r.format}, template {r.template}, {r.truncated} truncated)")
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
 
-    optimizer = torch.optim.AdamW(param_groups(model, ADAPTER, config.lr, config.lora_plus_ratio, config.weight_decay),
-                                  lr=config.lr)
-    delta = DeltaLoraUpdater(model, ADAPTER, optimizer) if config.variant == "delta-lora" else None
+    def _setup_model(self) -> None:
+        """The base model (quantized if asked), with a new adapter or the one being resumed."""
+        c = self.config
+        quantization = None if c.quantization == "none" else c.quantization
+        bf16_weights = self.accelerator.mixed_precision == "bf16" and self.device.type == "cuda"
+        self.model, _ = load_model(c.model, quantization, dtype=torch.bfloat16 if bf16_weights else torch.float32,
+                                   device=str(self.device), double_quant=c.double_quant,
+                                   trust_remote_code=c.trust_remote_code)
+        self.model.config.use_cache = False
+        self.checkpoint = latest_checkpoint(self.output) if c.resume else None
+        if self.checkpoint is not None:
+            load_adapter(self.model, self.checkpoint / "adapter", ADAPTER)
+            set_trainable(self.model, ADAPTER)
+        else:
+            add_adapter(self.model, c.lora_config(), ADAPTER)
+        if c.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable, self.total = count_parameters(self.model)
 
-    # -- schedule --
-    shard = (accelerator.process_index, accelerator.num_processes)
-    group = not config.packing
-    batches_per_epoch = len(plan_batches(data.lengths if group else [0] * len(data.train),
-                                         config.batch_size, config.seed, 0, group, shard))
-    if batches_per_epoch == 0:
-        raise TrainingError("There are fewer training examples than processes; nothing to train on.")
-    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    warmup = int(config.warmup) if config.warmup >= 1 else round(config.warmup * total_steps)
-    scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    lengths = [len(example["input_ids"]) for example in data.train]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def _setup_plan(self) -> None:
+        c = self.config
+        budget = c.max_batch_tokens if c.max_batch_tokens is not None else \
+            (CPU_BATCH_TOKENS if self.device.type == "cpu" else 0)
+        shard = (self.accelerator.process_index, self.accelerator.num_processes)
+        self.plan = StepPlan([len(example["input_ids"]) for example in self.data.train], c.batch_size, c.grad_accum,
+                             c.seed, group_by_length=not c.packing, shard=shard, token_budget=budget)
+        if self.plan.batches_per_epoch == 0:
+            raise TrainingError("There are fewer training examples than processes; nothing to train on.")
+        self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.plan.steps_per_epoch))
 
-    token_budget = config.max_batch_tokens if config.max_batch_tokens is not None else \
-        (CPU_BATCH_TOKENS if device.type == "cpu" else 0)
+    def _setup_optimizer(self) -> None:
+        c = self.config
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, ADAPTER, c.lr, c.lora_plus_ratio, c.weight_decay),
+                                           lr=c.lr)
+        self.delta = DeltaLoraUpdater(self.model, ADAPTER, self.optimizer) if c.variant == "delta-lora" else None
+        warmup = int(c.warmup) if c.warmup >= 1 else round(c.warmup * self.total_steps)
+        self.scheduler = get_scheduler(c.scheduler, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.total_steps)
 
-    @functools.lru_cache(maxsize=2)  # a step's micro-batches share (at most two) epoch plans
-    def epoch_plan(epoch: int) -> list[list[int]]:
-        return plan_batches(lengths, config.batch_size, config.seed, epoch, group, shard)
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        self._start()
+        status = "completed"
+        self.loss_model.train()
+        self.started = self.window_start = time.perf_counter()
+        self.first_step, self.window_tokens = self.step, 0
+        while self.step < self.total_steps:
+            loss, grad_norm = self._loss_step()
+            if self._after_step(loss, grad_norm):
+                status = "cancelled"
+                break
+        return self._finish(status)
 
-    def step_batches(step: int) -> list[dict]:
-        """The collated micro-batches of one optimizer step: its ``grad_accum`` batches, re-cut so
-        that no micro-batch exceeds the token budget (the step's gradient is the same either way)."""
-        indices = []
-        for index in range(step * config.grad_accum, (step + 1) * config.grad_accum):
-            epoch, position = divmod(index, batches_per_epoch)
-            indices += epoch_plan(epoch)[position]
-        return [collate([data.train[i] for i in chunk], pad_id)
-                for chunk in split_by_tokens(indices, lengths, config.batch_size, token_budget)]
+    def _start(self) -> None:
+        if self.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            self.config.write(self.output / "config.json")
+        self.cb.on_start(dict(total_steps=self.total_steps, trainable_params=self.trainable, total_params=self.total,
+                              estimate=self.estimate, start_step=self.step, train_rows=self.data.report.train_rows,
+                              val_rows=self.data.report.val_rows))
+        self.cb.log(f"training {self.trainable:,} of {self.total:,} parameters for {self.total_steps} steps "
+                    f"({self.accelerator.mixed_precision} precision, {self.device})")
 
-    loss_model = CausalLMLoss(model)
-    # The scheduler stays unprepared: accelerate would step it once per process, but our step count
-    # is already per process (each process sees its shard of the batches).
-    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
-
-    start_step, train_tokens, elapsed_before = 0, 0, 0.0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, optimizer, scheduler)
-        start_step, train_tokens, elapsed_before = state["step"], state["train_tokens"], state["wall_seconds"]
-        cb.log(f"resumed from {checkpoint.name} at step {start_step}")
-
-    main = accelerator.is_main_process  # with several processes, one writes the files
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    info = dict(total_steps=total_steps, trainable_params=trainable, total_params=total, estimate=estimate,
-                start_step=start_step, train_rows=data.report.train_rows, val_rows=data.report.val_rows)
-    cb.on_start(info)
-    cb.log(f"training {trainable:,} of {total:,} parameters for {total_steps} steps "
-           f"({accelerator.mixed_precision} precision, {device})")
-
-    def evaluate() -> float | None:
-        if not data.val:
-            return None
-        loss_model.eval()
-        total_loss, count = 0.0, 0
-        with torch.no_grad(), accelerator.autocast():
-            for start in range(0, len(data.val), config.batch_size):
-                batch = _to_device(collate(data.val[start:start + config.batch_size], pad_id), device)
-                loss_sum, n = loss_model(**batch)
-                total_loss, count = total_loss + float(loss_sum), count + n
-        loss_model.train()
-        return total_loss / max(count, 1)
-
-    def checkpoint_now(step: int, wall: float) -> None:
-        accelerator.wait_for_everyone()
-        if main:
-            save_checkpoint(output / "checkpoints" / f"checkpoint-{step}", model, ADAPTER, optimizer, scheduler,
-                            dict(step=step, train_tokens=train_tokens, wall_seconds=wall))
-
-    # -- the loop --
-    loss_model.train()
-    started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
-    step, status, eval_loss, last_loss = start_step, "completed", None, None
-    while step < total_steps:
-        batches = step_batches(step)
-        step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    def _loss_step(self) -> tuple[float, torch.Tensor | float]:
+        """One optimizer step over its micro-batches; the loss is the mean over the step's labelled tokens."""
+        batches = [collate([self.data.train[i] for i in chunk], self.pad_id)
+                   for chunk in self.plan.micro_batches(self.step)]
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         step_loss = 0.0
         for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            with (nullcontext() if sync else accelerator.no_sync(loss_model)), accelerator.autocast():
-                loss_sum, _ = loss_model(**_to_device(batch, device))
-                loss = loss_sum / max(step_tokens, 1)
-            accelerator.backward(loss)
+            sync = i == len(batches) - 1  # under DDP, gradients are averaged once per step
+            with (nullcontext() if sync else self.accelerator.no_sync(self.loss_model)), self.accelerator.autocast():
+                loss_sum, _ = self.loss_model(**_to_device(batch, self.device))
+                loss = loss_sum / max(tokens, 1)
+            self.accelerator.backward(loss)
             step_loss += float(loss.detach())
         if not math.isfinite(step_loss):
-            raise TrainingError(f"The loss became {step_loss} at step {step + 1}: training diverged. Lower the "
+            raise TrainingError(f"The loss became {step_loss} at step {self.step + 1}: training diverged. Lower the "
                                 "learning rate, use fp32/bf16 rather than fp16, or check the data.")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) \
-            if config.max_grad_norm > 0 else _grad_norm(model)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_tokens += step_tokens
-        window_tokens += step_tokens
-        last_loss = step_loss
+        max_norm = self.config.max_grad_norm
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm) if max_norm > 0 \
+            else _grad_norm(self.model)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.train_tokens += tokens
+        self.window_tokens += tokens
+        return step_loss, grad_norm
 
+    def _after_step(self, loss: float, grad_norm) -> bool:
+        """Metrics, evaluation, checkpoints and a cancel after each step; True when the run must stop."""
+        c, step, last = self.config, self.step, self.step == self.total_steps
+        self.last_loss = loss
         now = time.perf_counter()
-        wall = elapsed_before + now - started
-        stop = cb.should_stop()
-        if accelerator.num_processes > 1:  # a cancel reaches the main process; every process must stop
-            stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=device), "sum").item())
-        evaluated = bool(config.eval_every and step % config.eval_every == 0 and step < total_steps)
-        if evaluated:  # the last step is evaluated after the loop, once
-            eval_loss = evaluate()
-        if step % config.log_every == 0 or step == total_steps or stop:
-            done = step - start_step
-            values = dict(loss=step_loss, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                          tokens_per_second=window_tokens / max(now - window_start, 1e-9), elapsed=wall,
-                          eta=(now - started) / done * (total_steps - step), epoch=step / steps_per_epoch,
-                          **memory_now(device))
-            if evaluated and eval_loss is not None:
+        wall = self.elapsed_before + now - self.started
+        stop = self.cb.should_stop()
+        if self.accelerator.num_processes > 1:  # a cancel reaches the main process; every process must stop
+            stop = bool(self.accelerator.reduce(torch.tensor([float(stop)], device=self.device), "sum").item())
+        eval_loss = self._evaluate() if c.eval_every and step % c.eval_every == 0 and not last else None
+        self.eval_loss = eval_loss if eval_loss is not None else self.eval_loss
+        if step % c.log_every == 0 or last or stop:  # the last step is evaluated in _finish, once
+            values = dict(loss=loss, lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                          tokens_per_second=self.window_tokens / max(now - self.window_start, 1e-9), elapsed=wall,
+                          eta=(now - self.started) / max(step - self.first_step, 1) * (self.total_steps - step),
+                          epoch=step / self.plan.steps_per_epoch, **memory_now(self.device))
+            if eval_loss is not None:
                 values["eval_loss"] = eval_loss
-            cb.on_log(step, values)
-            window_tokens, window_start = 0, now
-        if config.save_every and step % config.save_every == 0 and step < total_steps:
-            checkpoint_now(step, wall)
-        if stop and step < total_steps:
-            checkpoint_now(step, wall)
-            status = "cancelled"
-            cb.log(f"cancelled: checkpoint saved at step {step}; resume to continue")
-            break
+            self.cb.on_log(step, values)
+            self.window_tokens, self.window_start = 0, now
+        if (c.save_every and step % c.save_every == 0 and not last) or (stop and not last):
+            self._checkpoint(wall)
+        if stop and not last:
+            self.cb.log(f"cancelled: checkpoint saved at step {step}; resume to continue")
+        return stop and not last
 
-    wall = elapsed_before + time.perf_counter() - started
-    if status == "completed":
-        eval_loss = evaluate()
-        if eval_loss is not None:
-            cb.on_log(step, dict(eval_loss=eval_loss))
-        if delta is not None:
-            delta.remove()
-        accelerator.wait_for_everyone()
-        if main:
-            save_adapter(model, ADAPTER, output / "adapter")
-    peak = memory_now(device)
-    summary = dict(status=status, final_loss=last_loss, eval_loss=eval_loss, steps=step, total_steps=total_steps,
-                   train_tokens=train_tokens, useful_tokens_per_second=train_tokens / max(wall, 1e-9),
-                   peak_memory_bytes=peak.get("cuda_peak_bytes", peak["peak_rss_bytes"]),
-                   peak_rss_bytes=peak["peak_rss_bytes"], trainable_params=trainable, total_params=total,
-                   wall_seconds=wall, memory_estimate_bytes=estimate["total_bytes"], memory_estimate=estimate,
-                   precision=accelerator.mixed_precision, device=str(device))
-    if main:
-        _write_json(output / "summary.json", summary)
-    return Outcome(status, summary)
+    def _evaluate(self) -> float | None:
+        """Mean loss per labelled token over the validation set; None without one."""
+        if not self.data.val:
+            return None
+        self.loss_model.eval()
+        total, count, size = 0.0, 0, self.config.batch_size
+        with torch.no_grad(), self.accelerator.autocast():
+            for start in range(0, len(self.data.val), size):
+                batch = _to_device(collate(self.data.val[start:start + size], self.pad_id), self.device)
+                loss_sum, n = self.loss_model(**batch)
+                total, count = total + float(loss_sum), count + n
+        self.loss_model.train()
+        return total / max(count, 1)
+
+    def _checkpoint(self, wall: float) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            save_checkpoint(self.output / "checkpoints" / f"checkpoint-{self.step}", self.model, ADAPTER,
+                            self.optimizer, self.scheduler,
+                            dict(step=self.step, train_tokens=self.train_tokens, wall_seconds=wall))
+
+    def _finish(self, status: str) -> Outcome:
+        """Final evaluation and adapter (when completed), and the summary."""
+        wall = self.elapsed_before + time.perf_counter() - self.started
+        if status == "completed":
+            self.eval_loss = self._evaluate()
+            if self.eval_loss is not None:
+                self.cb.on_log(self.step, dict(eval_loss=self.eval_loss))
+            if self.delta is not None:
+                self.delta.remove()
+            self.accelerator.wait_for_everyone()
+            if self.main:
+                save_adapter(self.model, ADAPTER, self.output / "adapter")
+        peak = memory_now(self.device)
+        summary = dict(status=status, final_loss=self.last_loss, eval_loss=self.eval_loss,
+                       steps=self.step, total_steps=self.total_steps, train_tokens=self.train_tokens,
+                       useful_tokens_per_second=self.train_tokens / max(wall, 1e-9),
+                       peak_memory_bytes=peak.get("cuda_peak_bytes", peak["peak_rss_bytes"]),
+                       peak_rss_bytes=peak["peak_rss_bytes"], trainable_params=self.trainable,
+                       total_params=self.total, wall_seconds=wall, memory_estimate_bytes=self.estimate["total_bytes"],
+                       memory_estimate=self.estimate, precision=self.accelerator.mixed_precision,
+                       device=str(self.device))
+        if self.main:
+            write_json(self.output / "summary.json", summary)
+        return Outcome(status, summary)
 
 
 def _grad_norm(model: nn.Module) -> float:
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-def _device() -> torch.device:
-    local = os.environ.get("LOCAL_RANK")
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(local or 0))
-    return torch.device("cpu")
-
-
-def _write_json(path: Path, values: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values, indent=2, default=str))
-    os.replace(tmp, path)

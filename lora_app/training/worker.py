@@ -13,7 +13,6 @@ time is enforced (SIGTERM, which the job also treats as a graceful cancel, then 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,34 +20,25 @@ import sys
 import time
 from pathlib import Path
 
+from lora_app.errors import TrainingError
+from lora_app.models import default_device
 from lora_app.training.config import TrainConfig
 from lora_app.training.store import HEARTBEAT_TIMEOUT, Run, RunStore
-from lora_app.training.trainer import TrainingError, check_output
+from lora_app.training.trainer import preflight
 
 CANCEL_GRACE = 60.0  # seconds a running job gets to checkpoint and stop before SIGTERM
 KILL_GRACE = 15.0    # and after SIGTERM, before SIGKILL
 
 
-def device_name() -> str:
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
 def submit(config: TrainConfig, store: RunStore | None = None, name: str | None = None) -> Run:
-    """Check ``config``, register the run as queued and start its worker. Invalid settings raise
-    ``TrainConfigError`` (all problems listed) before anything is registered or loaded."""
+    """Check ``config``, register the run as queued and start its worker. A run that fails the checks
+    (a ``UserError`` naming every problem) leaves nothing in the store."""
     store = store or RunStore()
-    run = store.create_run({}, output=config.output, name=name, device=device_name())
-    config.output = run.output
-    try:
-        config.validate()
-        check_output(config)
-    except Exception:
-        store.delete(run.id)
-        raise
-    store.update(run.id, config=config.to_dict())
-    _start(store, run.id, config)
+    run_id = store.new_id()
+    config.output = config.output or str(store.root / run_id)
+    preflight(config)
+    run = store.create_run(config.to_dict(), output=config.output, name=name, device=default_device(), run_id=run_id)
+    _start(store, run)
     return store.get(run.id)
 
 
@@ -59,24 +49,22 @@ def resume(run_id: str, store: RunStore | None = None) -> Run:
     if run.status in ("queued", "running"):
         raise TrainingError(f"Run {run.name} is {run.status}; only a stopped run can be resumed.")
     config = TrainConfig.from_dict({**run.config, "resume": True})
-    check_output(config)  # says so when there is no checkpoint to resume from
+    preflight(config)  # says so when there is no checkpoint to resume from
     store.update(run_id, config=config.to_dict())
     store.requeue(run_id)
-    _start(store, run_id, config)
+    _start(store, store.get(run_id))
     return store.get(run_id)
 
 
-def _start(store: RunStore, run_id: str, config: TrainConfig) -> None:
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    command = [sys.executable, "-m", "lora_app", "train", "--config", str(output / "config.json"),
-               "--run-id", run_id, "--store", str(store.root)]
-    with open(output / "train.log", "ab") as log:
+def _start(store: RunStore, run: Run) -> None:
+    """The training process, detached, its output in the run's train.log; it reads its settings from the store."""
+    Path(run.output).mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "lora_app", "train", "--run-id", run.id, "--store", str(store.root)]
+    with open(run.log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, cwd=Path(__file__).resolve().parents[2],
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    store.update(run_id, pid=process.pid)
+    store.update(run.id, pid=process.pid)
 
 
 def cancel(run_id: str, store: RunStore | None = None) -> Run:

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from lora_app.errors import AdapterNameTaken, UserError
+from lora_app.inference import InferenceEngine, Mode
 from lora_app.ui.common import run_store
 
 _engine = None
@@ -23,8 +24,6 @@ def engine():
     global _engine
     with _engine_lock:
         if _engine is None:
-            from lora_app.inference import InferenceEngine
-
             _engine = InferenceEngine()
         return _engine
 
@@ -99,14 +98,11 @@ def parse_weights(text: str | None, count: int) -> list[float]:
     return weights
 
 
-MODES = ["base", "adapter", "mix", "merged"]
 MODE_LABELS = [("Base model", "base"), ("One adapter", "adapter"), ("Weighted mix", "mix"), ("Merged", "merged")]
 
 
 def mode_for(base, kind: str, choices: list[str] | None, weights_text: str | None = None):
     """The engine ``Mode`` for the chat's mode selector."""
-    from lora_app.inference import Mode
-
     choices = list(choices or [])
     if kind == "base":
         return Mode.base()

@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import gradio as gr
 
 from lora_app.ui import adapters, chat_tab, compare_tab, data_tab, model_tab, runs_tab, train_tab
+from lora_app.training.store import default_root
 from lora_app.ui.common import friendly, run_store
+from lora_app.ui.space import device_summary
 from lora_app.ui.form import FIELDS
 
 CSS = (Path(__file__).with_name("style.css")).read_text()
@@ -21,18 +23,11 @@ THEME = gr.themes.Soft(primary_hue="indigo", radius_size="md")
 
 
 def header_markdown() -> str:
-    from lora_app.training.store import default_root
-    from lora_app.ui.space import device_summary
-
     return (f"<div class='lora-header'><h1>LoRA Studio</h1>"
             f"<span>{device_summary()}</span><span>runs in <code>{default_root()}</code></span></div>")
 
 
 def build_app() -> gr.Blocks:
-    # transformers resolves its names lazily, and two callbacks doing that first import in parallel
-    # threads can see a half-initialised module (ImportError); resolve them once, here.
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
     ui = SimpleNamespace(form={})
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.HTML(header_markdown(), elem_id="header")

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import gradio as gr
 
+from lora_app.inference import GenerationSettings
 from lora_app.ui import adapters
 from lora_app.ui.common import explain
 from lora_app.ui.form import start_model
 
-SETTINGS = ("system", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
 
 
 def generation_settings(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed):
-    from lora_app.inference import GenerationSettings
-
     def whole(value):
         return int(value) if isinstance(value, float) and value.is_integer() else value
 

@@ -16,6 +16,8 @@ import gradio as gr
 import torch
 
 from lora_app.errors import UserError
+from lora_app.models import load_config, load_tokenizer
+from lora_app.training.store import RunStore, default_root
 
 log = logging.getLogger("lora_app.ui")
 
@@ -95,8 +97,6 @@ _stores: dict = {}
 
 def run_store():
     """One RunStore per root folder for the whole process (opening one runs the schema script)."""
-    from lora_app.training.store import RunStore, default_root
-
     root = default_root()
     with _store_lock:
         if root not in _stores:
@@ -106,13 +106,9 @@ def run_store():
 
 @functools.lru_cache(maxsize=4)
 def tokenizer_for(model: str):
-    from lora_app.models import load_tokenizer
-
     return load_tokenizer(model)
 
 
 @functools.lru_cache(maxsize=8)
 def model_config_for(model: str):
-    from lora_app.models import load_config
-
     return load_config(model)

@@ -13,17 +13,17 @@ import shutil
 from pathlib import Path
 
 import gradio as gr
+import plotly.graph_objects as go
 
-from lora_app.ui.common import UserError, friendly, tokenizer_for
+from lora_app.data import DEMO_DATASET, DataError, preview_dataset
+from lora_app.paths import app_home
+from lora_app.ui.common import friendly, tokenizer_for
+from lora_app.ui.form import SETTINGS, config_from_values, default_config, form_values, widget
 
-FORMAT_CHOICES = ["auto", "sharegpt", "openai", "alpaca", "prompt_completion", "text"]
-TEMPLATE_CHOICES = ["auto", "tokenizer", "alpaca", "chatml"]
 FILE_TYPES = [".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt"]
 
 
 def datasets_dir() -> Path:
-    from lora_app.paths import app_home
-
     folder = app_home() / "datasets"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -54,29 +54,16 @@ def dataset_label(path: str | None) -> str:
     return name[13:] if re.match(r"^[0-9a-f]{12}-", name) else name
 
 
-def parse_mapping(text: str | None) -> dict[str, str] | None:
-    """``"prompt=Frage, completion=Antwort"`` or a JSON object -> {field: column}; empty -> None."""
-    from lora_app.data import DataError
-    from lora_app.data import parse_mapping as parse
-
-    try:
-        return parse(text)
-    except DataError as err:
-        raise UserError(str(err)) from err
-
-
-def length_histogram(lengths, max_length: int):
+def length_histogram(lengths, seq_len: int):
     """Token lengths per example as bars, with the sequence-length limit as a line."""
-    import plotly.graph_objects as go
-
     edges = lengths.hist_edges
     centers = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     widths = [b - a for a, b in zip(edges, edges[1:])]
     fig = go.Figure(go.Bar(x=centers, y=lengths.hist_counts, width=widths, marker_color="#6366f1",
                            hovertemplate="%{x:.0f} tokens: %{y} examples<extra></extra>"))
-    if max_length and edges and max_length <= edges[-1] * 1.5:
-        fig.add_vline(x=max_length, line_dash="dash", line_color="#ef4444",
-                      annotation_text=f"sequence length {max_length}", annotation_position="top left")
+    if seq_len and edges and seq_len <= edges[-1] * 1.5:
+        fig.add_vline(x=seq_len, line_dash="dash", line_color="#ef4444",
+                      annotation_text=f"sequence length {seq_len}", annotation_position="top left")
     fig.update_layout(title="Tokens per example", xaxis_title="tokens", yaxis_title="examples", height=300,
                       margin=dict(l=50, r=20, t=40, b=40), bargap=0.05, showlegend=False)
     return fig
@@ -86,17 +73,15 @@ def length_histogram(lengths, max_length: int):
 def preview(data_path, model, data_format, mapping_text, template, train_on_prompt, seq_len, packing,
             val_fraction):
     """(status markdown, preview html, histogram) for the current file and settings."""
-    from lora_app.data import DataError, preview_dataset
-
     if not data_path:
         return "Upload a dataset or use the demo dataset to see a preview.", "", None
-    mapping = parse_mapping(mapping_text)
-    tokenizer = tokenizer_for((model or "default").strip())
+    values = dict(model=model, data_format=data_format, data_mapping=mapping_text, template=template,
+                  train_on_prompt=train_on_prompt, seq_len=seq_len, packing=packing, val_fraction=val_fraction)
+    c = config_from_values({k: v for k, v in values.items() if v is not None})
     try:
-        result = preview_dataset(data_path, tokenizer, format=None if data_format in (None, "", "auto") else data_format,
-                                 mapping=mapping, template=None if template in (None, "", "auto") else template,
-                                 train_on_prompt=bool(train_on_prompt), max_length=int(seq_len or 512),
-                                 packing=bool(packing), val_fraction=float(val_fraction or 0))
+        result = preview_dataset(data_path, tokenizer_for(c.model), format=c.data_format, mapping=c.data_mapping,
+                                 template=c.template, train_on_prompt=bool(c.train_on_prompt), seq_len=int(c.seq_len),
+                                 packing=bool(c.packing), val_fraction=float(c.val_fraction))
     except DataError as err:
         # the message names the stored copy (hash-prefixed); show the name the user uploaded
         message = str(err).replace(Path(data_path).name, dataset_label(data_path))
@@ -105,23 +90,10 @@ def preview(data_path, model, data_format, mapping_text, template, train_on_prom
     status = (f"**{r.format}** format · {r.train_rows} training rows · {r.val_rows} validation rows"
               + (f" · {r.rows_skipped} skipped" if r.rows_skipped else "")
               + (f" · {r.truncated} truncated" if r.truncated else ""))
-    if mapping and not mapping_supported():
-        status += ("\n\n⚠️ Training does not take a column mapping yet: rename the columns in the file, "
-                   "or the run will use the detected mapping.")
-    return status, result.to_html(), length_histogram(result.lengths, r.max_length)
-
-
-def mapping_supported() -> bool:
-    """Whether TrainConfig can carry a column mapping to the worker. Until it has a ``data_mapping``
-    field the page says so; once it has, the form passes the mapping on (see form.FIELDS)."""
-    from lora_app.training.config import TrainConfig
-
-    return "data_mapping" in TrainConfig.__dataclass_fields__
+    return status, result.to_html(), length_histogram(result.lengths, r.seq_len)
 
 
 def use_demo() -> tuple[str, str]:
-    from lora_app.data import DEMO_DATASET
-
     if not Path(DEMO_DATASET).exists():
         raise gr.Error("The demo dataset is missing from this installation (assets/).")
     return str(DEMO_DATASET), f"Using the demo dataset **{Path(DEMO_DATASET).name}**: a pirate persona, Captain Byte."
@@ -152,12 +124,13 @@ def build(ui) -> None:
             ui.demo_button = gr.Button("Use the demo dataset (Captain Byte)", size="sm", elem_id="use-demo")
             ui.data_status = gr.Markdown("No dataset yet.", elem_id="data-status")
             with gr.Accordion("Format and column mapping", open=False):
-                ui.form["data_format"] = gr.Dropdown(FORMAT_CHOICES, value="auto", label="Format")
-                ui.mapping = ui.form["data_mapping"] = gr.Textbox(label="Column mapping (field=column, ...)", placeholder="prompt=question, completion=answer",
-                                        info="Map the format's fields to your columns by hand.")
-                ui.form["template"] = gr.Dropdown(TEMPLATE_CHOICES, value="auto", label="Chat template",
-                                                  info="auto: the tokenizer's own template, else alpaca")
-                ui.form["train_on_prompt"] = gr.Checkbox(label="Train on prompts too (not only the assistant's turns)")
+                d = form_values(default_config())
+                ui.form["data_format"] = widget("data_format", d["data_format"])
+                ui.mapping = ui.form["data_mapping"] = gr.Textbox(
+                    label="Column mapping (field=column, ...)", placeholder="prompt=question, completion=answer",
+                    info=SETTINGS["data_mapping"].metadata["help"])
+                ui.form["template"] = widget("template", d["template"])
+                ui.form["train_on_prompt"] = widget("train_on_prompt", d["train_on_prompt"])
         with gr.Column(scale=3, min_width=400):
             ui.length_plot = gr.Plot(label="Token lengths", elem_id="length-plot", show_label=False)
     ui.preview_status = gr.Markdown("", elem_id="preview-status")

@@ -1,8 +1,9 @@
-"""The training settings form: which TrainConfig fields the page edits, and the conversions between
-widget values and a :class:`TrainConfig` (both directions, so saved configs load back into the form).
+"""The training settings on the page, derived from TrainConfig's declarations: which settings the
+page edits, the widget for each (label, help, choices, bounds), and the conversions between widget
+values and a :class:`TrainConfig` (both directions, so saved configs load back into the form).
 
-Widgets hold what people can type (0 for "off", a checkbox list of module names); TrainConfig holds
-what the trainer wants (None, a comma list). Nothing here touches Gradio, so it is unit-tested plainly.
+Widgets hold what people can type (0 for "unset", "auto" for an unset choice, a checkbox list of
+module names); TrainConfig holds what the trainer wants (None, a comma list).
 """
 
 from __future__ import annotations
@@ -11,25 +12,37 @@ import os
 import shlex
 from dataclasses import fields
 
-from lora_app.training.config import TrainConfig
+import gradio as gr
 
-# TrainConfig fields edited on the page, in the order the callbacks receive them. "targets" is two
-# widgets (module checkboxes + an all-linear switch), hence the extra pseudo-field "all_linear".
-FIELDS = (
-    "model", "quantization", "variant", "rank", "alpha", "dropout", "targets", "all_linear", "lora_plus_ratio",
-    "epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup", "seq_len", "packing",
-    "val_fraction", "eval_every", "save_every", "seed", "precision", "gradient_checkpointing",
-    "data_format", "template", "train_on_prompt", "data_mapping",
-)
+from lora_app.data import parse_mapping
+from lora_app.training.cli import flag
+from lora_app.training.config import TrainConfig, label, optional, value_type
+
+SETTINGS = {f.name: f for f in fields(TrainConfig)}
+# What the page does not edit: the dataset comes from the Data tab and the run folder from the store;
+# the rest are for the command line (remote code, and the CPU token budget whose unset and 0 differ).
+OFF_PAGE = {"data", "val_data", "output", "resume", "trust_remote_code", "max_batch_tokens"}
+# Settings edited on the page, in the order the callbacks receive them. "targets" is two widgets (module
+# checkboxes + an all-linear switch), hence the extra pseudo-field "all_linear".
+FIELDS = (*(name for name in SETTINGS if name not in OFF_PAGE), "all_linear")
 
 # Defaults of the page where they differ from the CLI's: a first run on a laptop CPU with the default
 # model and the demo dataset should show its effect within a few minutes.
 UI_DEFAULTS = dict(rank=16, alpha=32.0, lr=1e-3, max_steps=60, batch_size=4, seq_len=256, warmup=0.05,
                    eval_every=20, val_fraction=0.05, log_every=1, save_every=0)
+AUTO = "auto"  # an unset choice on the page
 
-_INTS = {"rank", "max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "seed"}
-_OPTIONAL = {"max_steps", "lora_plus_ratio"}  # 0 on the page means "not set"
-_AUTO = {"data_format", "template"}           # "auto" on the page means None
+
+def _unset_number(name: str) -> bool:
+    """A number setting that may be unset: 0 on the page."""
+    f = SETTINGS[name]
+    return optional(f) and value_type(f) in (int, float)
+
+
+def _unset_choice(name: str) -> bool:
+    """A choice that may be unset: "auto" on the page."""
+    f = SETTINGS[name]
+    return optional(f) and f.metadata["choices"] is not None
 
 
 def start_model() -> str:
@@ -48,18 +61,17 @@ def form_values(config: TrainConfig) -> dict:
     for name in FIELDS:
         if name == "all_linear":
             values[name] = config.targets == "all-linear"
-        elif name == "targets":
-            t = config.targets
-            values[name] = [] if t in (None, "all-linear") else [s.strip() for s in str(t).split(",") if s.strip()]
+            continue
+        value = getattr(config, name)
+        if name == "targets":
+            value = [] if value in (None, "all-linear") else [s.strip() for s in str(value).split(",") if s.strip()]
         elif name == "data_mapping":  # a text box: "field=column, ..."
-            mapping = getattr(config, name, None) or {}
-            values[name] = ", ".join(f"{k}={v}" for k, v in mapping.items())
-        elif name in _OPTIONAL:
-            values[name] = getattr(config, name) or 0
-        elif name in _AUTO:
-            values[name] = getattr(config, name) or "auto"
-        else:
-            values[name] = getattr(config, name)
+            value = ", ".join(f"{k}={v}" for k, v in (value or {}).items())
+        elif _unset_number(name):
+            value = value or 0
+        elif _unset_choice(name):
+            value = value or AUTO
+        values[name] = value
     return values
 
 
@@ -70,22 +82,18 @@ def config_from_values(values: dict, base: TrainConfig | None = None) -> TrainCo
     """
     config = TrainConfig(**(base or default_config()).to_dict())
     for name, value in values.items():
-        if name == "all_linear" or name not in {f.name for f in fields(TrainConfig)}:
+        if name not in SETTINGS:
             continue
         if name == "targets":
             value = _targets(value, values.get("all_linear", False))
         elif name == "data_mapping":
-            from lora_app.ui.data_tab import parse_mapping
-
             value = parse_mapping(value)
-        elif name in _INTS and isinstance(value, float) and value.is_integer():
-            value = int(value)  # gr.Number hands back floats
-        if name in _OPTIONAL and not value:
-            value = None
-        if name in _AUTO and value in (None, "", "auto"):
-            value = None
-        if name == "model":
+        elif name == "model":
             value = (value or "default").strip()
+        elif value_type(SETTINGS[name]) is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # gr.Number hands back floats
+        if (_unset_number(name) and not value) or (_unset_choice(name) and value in (None, "", AUTO)):
+            value = None
         setattr(config, name, value)
     return config
 
@@ -98,6 +106,31 @@ def _targets(selected, all_linear: bool) -> str | None:
     return ",".join(selected) if selected else None  # nothing ticked: the architecture's defaults
 
 
+def widget(name: str, value, *, slider: tuple | None = None, **layout):
+    """The Gradio component for setting ``name``, labelled and explained by its declaration.
+    ``slider``: (minimum, maximum, step) to show a number as a slider."""
+    f = SETTINGS[name]
+    meta, kind = f.metadata, value_type(f)
+    text = label(f)
+    text = text[0].upper() + text[1:]
+    if meta["unset"] and kind in (int, float):
+        text += f" (0 = {meta['unset']})"
+    info = meta["help"] + (f"; {AUTO}: {meta['unset']}" if meta["unset"] and meta["choices"] else "")
+    if kind is bool:
+        return gr.Checkbox(value=value, label=text, info=meta["help"], **layout)
+    if meta["choices"] is not None:
+        choices = ([AUTO] if optional(f) else []) + list(meta["choices"])
+        return gr.Dropdown(choices, value=value, label=text, info=info, **layout)
+    low = meta["above"] if meta["above"] is not None else meta["at_least"]
+    if slider:
+        lo, hi, step = slider
+        return gr.Slider(lo, hi, value=value, step=step, label=text, info=meta["help"], **layout)
+    if _unset_number(name):
+        low = 0  # 0 stands for unset
+    return gr.Number(value=value, label=text, info=meta["help"], precision=0 if kind is int else None,
+                     minimum=low, **layout)
+
+
 def cli_command(config: TrainConfig) -> str:
     """The shell command that runs the same training as the page (only settings that differ from the
     CLI's defaults are spelled out)."""
@@ -105,11 +138,12 @@ def cli_command(config: TrainConfig) -> str:
     parts = ["python -m lora_app train"]
     for f in fields(TrainConfig):
         value = getattr(config, f.name)
-        if f.name in ("resume",) or value == getattr(defaults, f.name):
+        if f.name == "resume" or value == getattr(defaults, f.name) or value is None:
             continue
-        flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
-            parts.append(flag if value else ("--no-double-quant" if f.name == "double_quant" else ""))
-        elif value is not None:
-            parts.append(f"{flag} {shlex.quote(str(value))}")
-    return " \\\n    ".join(p for p in parts if p)
+            parts.append(flag(f.name) if value else flag("no_" + f.name))
+        elif isinstance(value, dict):
+            parts.append(f"{flag(f.name)} {shlex.quote(','.join(f'{k}={v}' for k, v in value.items()))}")
+        else:
+            parts.append(f"{flag(f.name)} {shlex.quote(str(value))}")
+    return " \\\n    ".join(parts)

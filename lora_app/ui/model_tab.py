@@ -11,32 +11,33 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
+import torch
+import yaml
 
-from lora_app.ui.common import UserError, fmt_bytes, fmt_count, friendly, model_config_for
+from lora_app.errors import UserError
+from lora_app.lora import DEFAULT_TARGETS, resolve_targets
+from lora_app.lora.targets import leaf_names
+from lora_app.models import default_device, meta_model
+from lora_app.training.config import TrainConfig
+from lora_app.training.memory import estimate_memory
+from lora_app.ui.common import explain, fmt_bytes, fmt_count, friendly, model_config_for
 from lora_app.ui.data_tab import dataset_label
-from lora_app.ui.form import FIELDS, cli_command, config_from_values, default_config, form_values
+from lora_app.ui.form import FIELDS, SETTINGS, cli_command, config_from_values, default_config, form_values, widget
 
 MODEL_CHOICES = ["default"]
 
 
 @functools.lru_cache(maxsize=4)
-def meta_model(model: str):
-    """The architecture without weights (meta device): layer names and parameter counts for free."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config_for(model))
+def meta_model_for(model: str):
+    """The architecture without weights, kept per model name (switching back costs nothing)."""
+    return meta_model(model_config_for(model))
 
 
 @functools.lru_cache(maxsize=8)
 def model_layers(model: str) -> tuple[list[str], list[str], str]:
     """(adaptable module names, the architecture's default targets, a one-line description)."""
-    from lora_app.lora import DEFAULT_TARGETS, resolve_targets
-    from lora_app.lora.targets import leaf_names
-
     config = model_config_for(model)
-    meta = meta_model(model)
+    meta = meta_model_for(model)
     names = leaf_names(resolve_targets(meta, "all-linear"))  # what all-linear adapts: no output head
     defaults = [n for n in DEFAULT_TARGETS.get(config.model_type, names) if n in names] or names
     params = sum(p.numel() for p in meta.parameters())
@@ -71,27 +72,13 @@ def alpha_ratio(rank, alpha, variant) -> str:
     return f"scale α/r = {alpha / rank:.3g}"
 
 
-@functools.lru_cache(maxsize=64)
-def _estimate(model: str, config_items: tuple) -> dict:
-    from lora_app.lora import LoraConfig
-    from lora_app.training.config import TrainConfig
-    from lora_app.training.memory import estimate_memory
-
-    config = TrainConfig(**dict(config_items))
-    lora = LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
-                      variant=config.variant, delta_lambda=config.delta_lambda)
-    return estimate_memory(config, model_config_for(model), lora)
-
-
 def estimate_text(config) -> str:
     """Trainable parameters and the memory estimate for ``config``, or what is wrong with it."""
-    problems = [p for p in config.problems() if not p.startswith(("no training data", "no output folder"))]
+    problems = [text for name, text in config.problems().items() if name not in ("data", "output")]
     if problems:
         return "**Fix these settings:**\n" + "\n".join(f"- {p}" for p in problems)
-    from lora_app.lora import resolve_targets
-
-    resolve_targets(meta_model(config.model), config.targets)  # the estimate would guess; say what matches instead
-    e = _estimate(config.model, tuple(sorted((k, v) for k, v in config.to_dict().items() if k not in ("data", "output"))))
+    resolve_targets(meta_model_for(config.model), config.targets)  # the estimate would guess; say what matches instead
+    e = estimate_memory(config, model_config_for(config.model), torch.device(default_device()).type)
     share = 100 * e["trainable_params"] / max(e["total_params"], 1)
     return (f"**{fmt_count(e['trainable_params'])} trainable parameters** ({share:.2f} % of {fmt_count(e['total_params'])}) · "
             f"estimated memory **{fmt_bytes(e['total_bytes'])}** (weights {fmt_bytes(e['weights_bytes'])}, "
@@ -107,8 +94,6 @@ def summarize(data_path, *values):
     try:
         estimate = estimate_text(config)
     except Exception as err:  # a layer name the model lacks, an unknown hub id: say so next to the form
-        from lora_app.ui.common import explain
-
         estimate = f"**Cannot estimate:** {explain(err)}"
     return (estimate, f"```bash\n{cli_command(config)} \\\n    --output runs/my-run\n```",
             run_summary(config, data_path))
@@ -126,8 +111,6 @@ def run_summary(config, data_path) -> str:
 @friendly
 def save_config(data_path, *values) -> str:
     """Write the form as a YAML file for download (the same keys as the CLI's --config)."""
-    import yaml
-
     config = config_from_values(dict(zip(FIELDS, values)))
     config.data = data_path
     settings = {k: v for k, v in config.to_dict().items() if k not in ("output", "resume")}
@@ -140,8 +123,6 @@ def save_config(data_path, *values) -> str:
 @friendly
 def load_config_file(path):
     """Form values from an uploaded YAML/JSON config: one update per field, plus a status line."""
-    from lora_app.training.config import TrainConfig
-
     if not path:
         raise UserError("Choose a YAML or JSON config file first.")
     loaded = TrainConfig.from_file(path)
@@ -164,14 +145,16 @@ def load_config_file(path):
 def build(ui) -> None:
     d = form_values(default_config())
     f = ui.form
+
+    def add(name, **options):
+        f[name] = widget(name, d[name], **options)
+
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
                 f["model"] = gr.Dropdown(MODEL_CHOICES, value=d["model"], allow_custom_value=True, label="Base model",
-                                         info="default (embedded, offline), a Hub id such as Qwen/Qwen2.5-0.5B-Instruct, "
-                                              "or a local folder", scale=3, elem_id="model-picker")
-                f["quantization"] = gr.Radio(["none", "8bit", "4bit"], value=d["quantization"], label="Quantization",
-                                             info="4bit = QLoRA", scale=2)
+                                         info=SETTINGS["model"].metadata["help"], scale=3, elem_id="model-picker")
+                add("quantization", scale=2)
             ui.model_about = gr.Markdown(elem_id="model-about")
         with gr.Column(scale=2):
             ui.estimate = gr.Markdown(elem_id="estimate")
@@ -179,48 +162,32 @@ def build(ui) -> None:
         with gr.Column():
             gr.Markdown("### Adapter")
             with gr.Row():
-                f["variant"] = gr.Dropdown(["lora", "rslora", "dora", "lora-fa", "vera", "delta-lora"],
-                                           value=d["variant"], label="Variant")
-                f["rank"] = gr.Slider(1, 256, value=d["rank"], step=1, label="Rank r")
+                add("variant")
+                add("rank", slider=(1, 256, 1))
             with gr.Row():
-                f["alpha"] = gr.Number(value=d["alpha"], label="Alpha α", minimum=0)
+                add("alpha")
                 ui.alpha_ratio = gr.Textbox(alpha_ratio(d["rank"], d["alpha"], d["variant"]), label="Scale",
                                             interactive=False)
             with gr.Row():
-                f["dropout"] = gr.Slider(0, 0.5, value=d["dropout"], step=0.01, label="Dropout")
-                f["lora_plus_ratio"] = gr.Number(value=d["lora_plus_ratio"], label="LoRA+ ratio (0 = off)", minimum=0,
-                                                 info="B learns this many times faster than A; 16 is typical")
+                add("dropout", slider=(0, 0.5, 0.01))
+                add("lora_plus_ratio")
             f["all_linear"] = gr.Checkbox(value=d["all_linear"], label="All linear layers (all-linear)")
             f["targets"] = gr.CheckboxGroup([], value=d["targets"], label="Target modules",
-                                            info="Nothing ticked = the architecture's defaults", elem_id="targets")
+                                            info=f"Nothing ticked: {SETTINGS['targets'].metadata['unset']}",
+                                            elem_id="targets")
         with gr.Column():
             gr.Markdown("### Training")
-            with gr.Row():
-                f["max_steps"] = gr.Number(value=d["max_steps"], label="Max steps (0 = use epochs)", precision=0, minimum=0)
-                f["epochs"] = gr.Number(value=d["epochs"], label="Epochs", minimum=0)
-            with gr.Row():
-                f["batch_size"] = gr.Number(value=d["batch_size"], label="Batch size", precision=0, minimum=1)
-                f["grad_accum"] = gr.Number(value=d["grad_accum"], label="Gradient accumulation", precision=0, minimum=1)
-            with gr.Row():
-                f["lr"] = gr.Number(value=d["lr"], label="Learning rate")
-                f["scheduler"] = gr.Dropdown(["linear", "cosine", "constant", "constant_with_warmup",
-                                              "cosine_with_restarts", "polynomial"], value=d["scheduler"], label="Scheduler")
-            with gr.Row():
-                f["warmup"] = gr.Number(value=d["warmup"], label="Warmup (< 1: fraction, ≥ 1: steps)", minimum=0)
-                f["seq_len"] = gr.Number(value=d["seq_len"], label="Sequence length", precision=0, minimum=2)
-            with gr.Row():
-                f["val_fraction"] = gr.Number(value=d["val_fraction"], label="Validation fraction", minimum=0, maximum=0.9)
-                f["eval_every"] = gr.Number(value=d["eval_every"], label="Eval every (steps, 0 = end)", precision=0, minimum=0)
+            for row in (("max_steps", "epochs"), ("batch_size", "grad_accum"), ("lr", "scheduler"),
+                        ("warmup", "seq_len"), ("val_fraction", "eval_every")):
+                with gr.Row():
+                    for name in row:
+                        add(name)
             with gr.Accordion("More", open=False):
-                with gr.Row():
-                    f["save_every"] = gr.Number(value=d["save_every"], label="Checkpoint every (steps, 0 = end)",
-                                                precision=0, minimum=0)
-                    f["seed"] = gr.Number(value=d["seed"], label="Seed", precision=0)
-                with gr.Row():
-                    f["precision"] = gr.Dropdown(["auto", "fp32", "bf16", "fp16"], value=d["precision"], label="Precision")
-                    f["packing"] = gr.Checkbox(value=d["packing"], label="Pack short examples")
-                    f["gradient_checkpointing"] = gr.Checkbox(value=d["gradient_checkpointing"],
-                                                              label="Gradient checkpointing")
+                for row in (("save_every", "log_every", "seed"), ("precision", "weight_decay", "max_grad_norm"),
+                            ("packing", "gradient_checkpointing", "double_quant"), ("delta_lambda",)):
+                    with gr.Row():
+                        for name in row:
+                            add(name)
     with gr.Accordion("Save / load settings and the equivalent command", open=False):
         with gr.Row():
             ui.save_config = gr.Button("Save settings (YAML)", size="sm")

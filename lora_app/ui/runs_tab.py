@@ -12,6 +12,8 @@ import gradio as gr
 
 from lora_app.ui import adapters
 from lora_app.errors import RunNotFound, UserError
+from lora_app.inference import zip_adapter
+from lora_app.training.config import TrainConfig
 from lora_app.ui.common import fmt_bytes, fmt_count, fmt_seconds, run_store
 
 HEADERS = ["run", "status", "model", "variant · rank", "steps", "final loss", "eval loss", "tokens/s", "time",
@@ -53,8 +55,6 @@ def config_diff(a: dict, b: dict) -> list[tuple[str, object, object]]:
 def run_details(run_id, other_id=None) -> str:
     """Markdown: what the run is, how it went, and how its settings differ from another run's (or the
     CLI defaults when no other run is picked)."""
-    from lora_app.training.config import TrainConfig
-
     if not run_id:
         return "Pick a run to see its details."
     store = run_store()
@@ -112,8 +112,6 @@ def _adapter_of(run_id):
 
 def zip_run(run_id) -> str:
     """The run's adapter as a zip (standard layout: loads in peft, vLLM, TGI and here)."""
-    from lora_app.inference import zip_adapter
-
     run = _adapter_of(run_id)
     return str(zip_adapter(run.adapter_path, Path(run.output) / f"{adapters.adapter_name(run)}-adapter.zip",
                            overwrite=True))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 PERSISTENT = Path("/data")
 
 
@@ -27,8 +29,6 @@ def configure_storage(persistent: Path = PERSISTENT) -> str | None:
 
 def device_summary() -> str:
     """One line for the header: the GPU (name, memory) or the CPU (cores)."""
-    import torch
-
     if torch.cuda.is_available():
         names = []
         for i in range(torch.cuda.device_count()):
@@ -36,7 +36,3 @@ def device_summary() -> str:
             names.append(f"{props.name} ({props.total_memory / 2**30:.0f} GiB)")
         return "GPU: " + ", ".join(names)
     return f"CPU only, {os.cpu_count()} cores (small models such as the default)"
-
-
-def on_space() -> bool:
-    return bool(os.environ.get("SPACE_ID"))

@@ -17,7 +17,8 @@ import gradio as gr
 
 from lora_app.ui import charts
 from lora_app.errors import SettingsError, UserError
-from lora_app.ui.common import fmt_seconds, model_config_for, run_store
+from lora_app.training import worker
+from lora_app.ui.common import explain, fmt_seconds, run_store
 from lora_app.ui.data_tab import dataset_label
 from lora_app.ui.form import FIELDS, config_from_values
 
@@ -57,17 +58,10 @@ def start_run(name, data_path, *values):
 
 
 def _start(name, data_path, values):
-    from lora_app.training import worker
-    from lora_app.training.trainer import check_model_limits
-
     if not data_path:
         raise UserError("Choose a dataset first: upload one in the Data tab, or use the demo dataset.")
     config = config_from_values(dict(zip(FIELDS, values)))
     config.data = data_path
-    problems = [p for p in config.problems() if not p.startswith("no output folder")]
-    if problems:
-        raise UserError("\n".join(f"- {p}" for p in problems))
-    check_model_limits(config, model_config_for(config.model))
     name = (name or "").strip() or default_name(config)
     fingerprint = json.dumps({**config.to_dict(), "name": name}, sort_keys=True, default=str)
     store = run_store()
@@ -99,8 +93,6 @@ def _watch(store, run_id):
 
 
 def cancel_run(run_id):
-    from lora_app.training import worker
-
     if not run_id:
         raise UserError("Pick a run to cancel.")
     before = run_store().get(run_id)
@@ -115,8 +107,6 @@ def cancel_run(run_id):
 
 
 def resume_run(run_id):
-    from lora_app.training import worker
-
     if not run_id:
         raise UserError("Pick a run to resume.")
     run = worker.resume(run_id, run_store())
@@ -185,15 +175,11 @@ def poll(run_id, smoothing, log_scale, seen):
     try:
         return _poll(run_id, smoothing, log_scale, seen)
     except Exception as err:
-        from lora_app.ui.common import explain
-
         message = html.escape(f"Cannot read the run store right now: {explain(err)}")
         return (f"<div class='lora-progress'>{message}</div>", *[gr.skip()] * 7, {})
 
 
 def _poll(run_id, smoothing, log_scale, seen):
-    from lora_app.training import worker
-
     store = run_store()
     runs = worker.refresh(store)  # the watchdog: marks jobs whose process died or stopped beating
     by_id = {r.id: r for r in runs}

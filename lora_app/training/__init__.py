@@ -1,0 +1,1 @@
+"""Training: settings (config), the recipe (trainer), its CLI, the run store and the detached worker."""
