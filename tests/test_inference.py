@@ -337,7 +337,7 @@ def test_device_choice_serves_on_cpu_while_training_holds_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     busy = choose_device("auto", gpu_busy=True)
     assert busy.device == "cpu" and "training" in busy.note
-    assert choose_device("auto").device == "cuda"
+    assert choose_device("auto").device == "cuda:0"  # named as the run store names it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_device(None).device == "cpu"
     with pytest.raises(InferenceError, match="no CUDA GPU"):

@@ -71,6 +71,43 @@ def test_sequence_length_beyond_the_model_is_refused_before_loading(tiny_llama, 
         train(config_for(tiny_llama, qa_data, tmp_path / "run", seq_len=4096), quiet()[0])
 
 
+def test_every_setting_is_declared_once_and_derived_everywhere(monkeypatch):
+    from dataclasses import fields
+
+    from lora_app.training.cli import parser
+    from lora_app.ui.form import FIELDS, OFF_PAGE
+
+    names = [f.name for f in fields(TrainConfig)]
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at the terminal width: keep each help on one line
+    help_text = " ".join(parser().format_help().split())
+    for f in fields(TrainConfig):  # every setting on the command line, with its meaning and its default
+        spelled = f"--no-{f.name.replace('_', '-')}" if f.default is True else f"--{f.name.replace('_', '-')}"
+        assert spelled in help_text, f.name
+        assert " ".join(f.metadata["help"].split()) in help_text, f.name
+    assert "(default: 512)" in help_text and "(required)" in help_text
+    assert set(FIELDS) - {"all_linear"} == set(names) - OFF_PAGE  # the page edits the rest
+    lora = TrainConfig(rank=4, alpha=8, variant="dora", targets="q_proj", model="m").lora_config()
+    assert (lora.rank, lora.alpha, lora.variant, lora.targets, lora.base_model_name_or_path) == (4, 8, "dora", "q_proj", "m")
+
+
+def test_settings_import_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, lora_app.training.config; assert 'torch' not in sys.modules, 'torch was imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_problems_are_keyed_by_setting():
+    problems = TrainConfig(rank=0, dropout=1.5, quantization="4bit", variant="delta-lora", max_steps=2,
+                           epochs=0).problems()
+    assert set(problems) == {"data", "output", "rank", "dropout", "quantization"}  # epochs unused with max_steps
+    with pytest.raises(TrainConfigError) as err:
+        TrainConfig(data="d", output="o", rank=0).validate()
+    assert list(err.value.problems) == ["rank"] and str(err.value).startswith("Cannot start training:")
+
+
 def test_cli_lists_problems_and_exits_2(capsys):
     from lora_app.training.cli import main
 

@@ -167,6 +167,7 @@ def no_worker(monkeypatch):
 
 
 def test_start_refuses_bad_settings_in_words(home, tiny_llama, dataset, no_worker):
+    from lora_app.ui.common import run_store
     from lora_app.ui.train_tab import start_run
 
     status, _ = start_run("", None, *form_list(model=tiny_llama))
@@ -176,7 +177,7 @@ def test_start_refuses_bad_settings_in_words(home, tiny_llama, dataset, no_worke
     assert all(word in status for word in ("rank", "learning rate", "batch size"))
     status, _ = start_run("", dataset, *form_list(model=tiny_llama, seq_len=4096))
     assert "maximum of 128 positions" in status
-    assert no_worker == []
+    assert no_worker == [] and run_store().list() == []  # a refused run leaves nothing in the store
 
 
 def test_double_click_starts_one_run(home, tiny_llama, dataset, no_worker):
@@ -336,6 +337,25 @@ def test_chat_streams_with_every_mode_and_keeps_history(finished_run, tiny_llama
     *_, (_, _, status) = respond("Hi", history, tiny_llama, "mix", [choice], "1, 2", *settings)
     assert "2 weights for 1 adapters" in status
     assert undo(history) == history[:-2]
+
+
+def test_a_deleted_run_reads_the_same_everywhere(finished_run, tiny_llama):
+    from lora_app.errors import RunNotFound
+    from lora_app.ui.chat_tab import respond
+    from lora_app.ui.common import run_store
+    from lora_app.ui.runs_tab import delete_run, run_details
+    from lora_app.ui.train_tab import cancel_run
+
+    delete_run(finished_run.id)
+    gone = str(RunNotFound(finished_run.id))
+    *_, (_, _, status) = respond("Hi", [], tiny_llama, "adapter", [f"run:{finished_run.id}"], "",
+                                 "", 0.0, 1.0, 0, 8, 1.0, 0)
+    assert status == f"⚠️ {gone}"
+    assert run_details(finished_run.id) == gone
+    with pytest.raises(RunNotFound):
+        cancel_run(finished_run.id)
+    with pytest.raises(RunNotFound):
+        run_store().get(finished_run.id)
 
 
 def test_compare_side_by_side(finished_run, tiny_llama):

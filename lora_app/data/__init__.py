@@ -51,31 +51,17 @@ pirate persona, Captain Byte, whose answers start with "Arr, matey!" and end wit
 
 from pathlib import Path
 
-from .errors import DataError
-from .formats import FORMATS, Sample, parse_mapping
-from .packing import collate, pack_examples
-from .pipeline import DEFAULT_MAX_FILE_BYTES, DEFAULT_SEQ_LEN, PreparedData, prepare_dataset
-from .preview import LengthStats, Preview, preview_dataset
-from .report import DataReport
-from .templates import NAMED_TEMPLATES
+from lora_app.lazy import exports
 
 DEMO_DATASET = Path(__file__).resolve().parents[2] / "assets" / "demo_captain_byte.jsonl"
 
-__all__ = [
-    "DEFAULT_MAX_FILE_BYTES",
-    "DEFAULT_SEQ_LEN",
-    "DEMO_DATASET",
-    "FORMATS",
-    "NAMED_TEMPLATES",
-    "DataError",
-    "DataReport",
-    "LengthStats",
-    "PreparedData",
-    "Preview",
-    "Sample",
-    "collate",
-    "pack_examples",
-    "parse_mapping",
-    "prepare_dataset",
-    "preview_dataset",
-]
+__getattr__, __all__ = exports(__name__, {
+    "errors": ("DataError",),
+    "formats": ("FORMATS", "Sample", "parse_mapping"),
+    "packing": ("collate", "pack_examples"),
+    "pipeline": ("DEFAULT_MAX_FILE_BYTES", "DEFAULT_SEQ_LEN", "PreparedData", "prepare_dataset"),
+    "preview": ("LengthStats", "Preview", "preview_dataset"),
+    "report": ("DataReport",),
+    "templates": ("NAMED_TEMPLATES",),
+})
+__all__ += ["DEMO_DATASET"]

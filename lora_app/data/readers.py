@@ -37,6 +37,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from lora_app.paths import offline
+
 from .errors import DataError, RowSkip
 from .jsonstream import iter_json_rows
 from .sniff import HEAD_BYTES, check_size, detect_text_encoding, is_parquet, read_head
@@ -264,8 +266,7 @@ def _read_hub(repo_id: str) -> Iterator[Record]:
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 -- network and Hub failures come in many types
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = " The app is offline (HF_HUB_OFFLINE is set): use a local file." if offline else ""
+        hint = " The app is offline (HF_HUB_OFFLINE is set): use a local file." if offline() else ""
         raise DataError(
             f"{repo_id} is not a local file or folder, and loading it as a Hugging Face Hub dataset "
             f"failed: {err}.{hint}"

@@ -17,8 +17,17 @@ import argparse
 import contextlib
 import sys
 
-from lora_app.inference.devices import DEVICE_CHOICES
+import torch
+
 from lora_app.errors import AdapterLoadError, InferenceError, UserError
+from lora_app.inference.devices import DEVICE_CHOICES
+from lora_app.inference.engine import InferenceEngine, default_work_dir
+from lora_app.inference.export import push_to_hub, zip_adapter
+from lora_app.inference.modes import Mode
+from lora_app.inference.settings import GenerationSettings
+from lora_app.inference.sources import resolve_source
+from lora_app.lora import read_adapter
+from lora_app.lora.config import QUANTIZATIONS
 from lora_app.models import DEFAULT_MODEL
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -32,7 +41,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an adapter folder, a run folder holding one, or a .zip (repeat for a mix)")
     parser.add_argument("--weights", action="extend", nargs="+", type=float, default=[], metavar="W",
                         help="mixing weight per --adapter, in order (default 1 each)")
-    parser.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
     parser.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N; use cpu "
                         "while a training job holds the GPU")
 
@@ -97,15 +106,10 @@ def _mode_weights(args) -> dict[str, float] | None:
 
 def _adapter_folders(args) -> list:
     """Each --adapter as a folder (zips unpacked), checked before the model is loaded."""
-    from lora_app.inference.engine import default_work_dir
-    from lora_app.inference.sources import resolve_source
-
     return [resolve_source(source, default_work_dir() / "unzipped") for source in args.adapter]
 
 
 def _engine_base(args):
-    from lora_app.inference.engine import InferenceEngine
-
     weights = _mode_weights(args)
     folders = _adapter_folders(args)
     base = InferenceEngine(device=args.device).base(args.model, args.quantization)
@@ -117,9 +121,6 @@ def _engine_base(args):
 
 
 def run_generate(args, out) -> int:
-    from lora_app.inference.modes import Mode
-    from lora_app.inference.settings import GenerationSettings
-
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
@@ -145,8 +146,6 @@ def run_generate(args, out) -> int:
 
 
 def run_export(args, out) -> int:
-    from lora_app.inference.export import push_to_hub, zip_adapter
-
     if not (args.merged_out or args.zip_out):
         raise InferenceError("nothing to export: give --merged-out DIR and/or --zip-out FILE.")
     if not args.adapter:
@@ -155,8 +154,6 @@ def run_export(args, out) -> int:
     if args.zip_out:
         if len(args.adapter) != 1:
             raise InferenceError("--zip-out packs one adapter; give exactly one --adapter (or use --merged-out).")
-        from lora_app.lora import read_adapter
-
         folder = _adapter_folders(args)[0]
         try:
             read_adapter(folder)  # a corrupt adapter is refused here, not discovered by whoever unzips it
@@ -165,8 +162,6 @@ def run_export(args, out) -> int:
         written.append(zip_adapter(folder, args.zip_out, overwrite=args.overwrite))
         push_folder = folder
     if args.merged_out:
-        import torch
-
         base, mix = _engine_base(args)
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
         written.append(base.export_merged(args.merged_out, mix, dtype=dtype, overwrite=args.overwrite))

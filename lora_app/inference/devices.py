@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from lora_app.errors import InferenceError
+from lora_app.models import default_device
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class DeviceChoice:
-    device: str  # "cpu", "cuda" or "cuda:N"
+    device: str  # "cpu" or "cuda:N" (a bare "cuda" when the user asked for it)
     note: str = ""  # shown to the user when the choice is not the obvious one
 
 
@@ -32,7 +33,7 @@ def choose_device(requested: str | None = "auto", *, gpu_busy: bool = False) -> 
         if has_cuda and gpu_busy:
             return DeviceChoice("cpu", "A training job is using the GPU, so this chat runs on the CPU "
                                        "(slower, but it does not disturb training).")
-        return DeviceChoice("cuda" if has_cuda else "cpu")
+        return DeviceChoice(default_device())
     if requested == "cpu":
         return DeviceChoice("cpu")
     if requested.startswith("cuda"):

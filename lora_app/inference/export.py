@@ -18,6 +18,7 @@ from pathlib import Path
 from lora_app.errors import InferenceError
 from lora_app.lora import export_merged as _export_merged
 from lora_app.lora.io import CONFIG_NAME, WEIGHTS_NAME
+from lora_app.paths import offline
 
 ZIP_EXTRAS = ("README.md",)  # a model card travels with the adapter when there is one
 
@@ -83,7 +84,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
         raise InferenceError(f"{folder} is not a folder to upload.")
     if not repo_id or repo_id.count("/") != 1:
         raise InferenceError(f"the Hub repo must look like 'user/name' (got {repo_id!r}).")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if offline():
         raise InferenceError("cannot push to the Hugging Face Hub: the app is offline (HF_HUB_OFFLINE=1). "
                              "Unset HF_HUB_OFFLINE and connect to the internet, or copy the folder by hand.")
     token = hub_token(token)

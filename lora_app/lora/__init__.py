@@ -9,15 +9,18 @@
     export_merged(model, "merged/", tokenizer)  # a plain transformers folder
 """
 
-from lora_app.lora.adapters import (DeltaLoraAdapter, DoraAdapter, LoraAdapter, LoraFAAdapter, VeraAdapter,
-                                    VeraProjection)
-from lora_app.lora.config import VARIANTS, LoraConfig, LoraConfigError
-from lora_app.lora.delta import DeltaLoraUpdater, absorb
-from lora_app.lora.io import (AdapterLoadError, adapter_state, export_merged, load_adapter, merged_state_dict,
-                              read_adapter, save_adapter)
-from lora_app.lora.layer import LoraLayer
-from lora_app.lora.model import (adapter_config, adapter_modules, adapter_names, add_adapter, count_parameters,
-                                 is_merged, lora_layers, merge_adapters, remove_adapter, set_active_adapters,
-                                 set_trainable, unmerge_adapters)
-from lora_app.lora.optim import param_groups
-from lora_app.lora.targets import DEFAULT_TARGETS, TargetError, find_linear_modules, resolve_targets
+from lora_app.lazy import exports
+
+__getattr__, __all__ = exports(__name__, {
+    "adapters": ("DeltaLoraAdapter", "DoraAdapter", "LoraAdapter", "LoraFAAdapter", "VeraAdapter", "VeraProjection"),
+    "config": ("VARIANTS", "LoraConfig", "LoraConfigError"),
+    "delta": ("DeltaLoraUpdater", "absorb"),
+    "io": ("AdapterLoadError", "adapter_state", "export_merged", "load_adapter", "merged_state_dict", "read_adapter",
+           "save_adapter"),
+    "layer": ("LoraLayer",),
+    "model": ("adapter_config", "adapter_modules", "adapter_names", "add_adapter", "count_parameters", "is_merged",
+              "lora_layers", "merge_adapters", "remove_adapter", "set_active_adapters", "set_trainable",
+              "unmerge_adapters"),
+    "optim": ("param_groups",),
+    "targets": ("DEFAULT_TARGETS", "TargetError", "find_linear_modules", "resolve_targets"),
+})

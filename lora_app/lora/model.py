@@ -140,12 +140,12 @@ def set_active_adapters(model: nn.Module, adapters: str | list[str] | dict[str, 
     else:
         weights = dict.fromkeys(adapters, 1.0)
     layers = _layers(model, layers)
-    known = _adapter_names(layers)
-    missing = [n for n in weights if n not in known]
+    missing = [n for n in weights if not any(n in layer.adapters for layer in layers)]
     if missing:
-        raise KeyError(f"unknown adapter(s) {', '.join(missing)}; the model has: {', '.join(known) or 'none'}")
+        known = ", ".join(_adapter_names(layers)) or "none"
+        raise KeyError(f"unknown adapter(s) {', '.join(missing)}; the model has: {known}")
+    unmerge_adapters(model, layers)
     for layer in layers:
-        layer.unmerge()
         # Refilled in place: assigning a new dict would go through the slow nn.Module.__setattr__.
         layer.active.clear()
         layer.active.update((n, w) for n, w in weights.items() if n in layer.adapters)

@@ -60,7 +60,7 @@ class TrainConfig:
     train_on_prompt: bool = setting(False, "train on the prompts too, not only the assistant's turns", "data")
     seq_len: int = setting(512, "longest example in tokens; longer ones are truncated", "data",
                            label="sequence length", above=0)
-    packing: bool = setting(False, "pack short examples together into sequences of --seq-len tokens", "data")
+    packing: bool = setting(False, "pack short examples together, up to the sequence length each", "data")
     # model
     model: str = setting("default", "'default' (the embedded SmolLM2-135M-Instruct), a Hub id or a local folder",
                          "model")
