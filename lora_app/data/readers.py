@@ -211,6 +211,7 @@ def _read_txt(fh: TextIO, split: str) -> Iterator[Record]:
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:
+    # pyarrow and datasets take seconds to import; most datasets are JSON or CSV and never need them
     import pyarrow
     import pyarrow.parquet as pq
 

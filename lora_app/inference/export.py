@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import huggingface_hub
+
 from lora_app.errors import InferenceError
 from lora_app.lora import export_merged as _export_merged
 from lora_app.lora.io import CONFIG_NAME, WEIGHTS_NAME
@@ -67,9 +69,7 @@ def hub_token(token: str | None = None) -> str | None:
     if os.environ.get("HF_TOKEN"):
         return os.environ["HF_TOKEN"]
     try:
-        from huggingface_hub import get_token
-
-        return get_token()
+        return huggingface_hub.get_token()
     except Exception:  # no hub client or an unreadable token file: the same as no token
         return None
 
@@ -91,8 +91,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
     if not token:
         raise InferenceError("cannot push to the Hugging Face Hub: no token is configured. Set HF_TOKEN "
                              "(a token with write access, from huggingface.co/settings/tokens).")
-    import huggingface_hub
-
     try:
         url = huggingface_hub.create_repo(repo_id, token=token, private=private, exist_ok=True)
         huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,

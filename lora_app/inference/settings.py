@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from transformers import GenerationConfig
+
 from lora_app.errors import InferenceError
 
 
@@ -67,8 +69,6 @@ class GenerationSettings:
     def generation_config(self, eos_token_id, pad_token_id):
         """A fresh transformers ``GenerationConfig``: the model's own sampling defaults (some hub models
         ship temperature 0.6 ...) must not leak into a request that asked for greedy decoding."""
-        from transformers import GenerationConfig
-
         sampling = {}
         if not self.greedy:
             sampling = dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from lora_app.inference.settings import GenerationSettings
 
@@ -93,8 +94,6 @@ class GenerationStream:
         return self.result
 
     def _run(self) -> Iterator[str]:
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
         label, worker = "", None
         try:
             label = self.before() if self.before else ""

@@ -35,6 +35,7 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     """The weight as a float (out, in) matrix; a view where possible, a new tensor for 4/8-bit."""
     name = type(module).__name__
     if name == "Linear4bit":
+        # only a quantized base needs bitsandbytes, whose import warns about missing kernels on a CPU
         import bitsandbytes.functional as bnbF
 
         weight = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
