@@ -135,7 +135,8 @@ class TrainConfig:
             found.pop("epochs", None)  # epochs are not used
         if self.variant == "delta-lora" and self.quantization != "none":
             found["quantization"] = "delta-lora updates the base weights, so it needs quantization 'none'"
-        return found
+        order = [f.name for f in fields(self)]
+        return dict(sorted(found.items(), key=lambda item: order.index(item[0])))
 
     def validate(self) -> TrainConfig:
         problems = self.problems()
