@@ -1,8 +1,8 @@
 """Everything a user can cause, as types. Imports nothing, so every layer can raise them.
 
-``UserError`` is the base: its message is written for the person who caused it, and the CLI
-(``lora_app.cli.report``) and the studio (``lora_app.ui.common.explain``) each turn one into a message
-in one place. Anything else that escapes is a bug and is reported as one. Code that needs to tell
+``UserError`` is the base: its message is written for the person who caused it. The command line
+prints it as ``error: <message>`` and exits 2 (``training/cli.py``, ``inference/cli.py``); the studio
+shows it in the page (``ui/common.explain``). Anything else that escapes is a bug and is reported as one. Code that needs to tell
 errors apart looks at their type and fields, never at their wording.
 """
 

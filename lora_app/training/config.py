@@ -46,7 +46,7 @@ class TrainConfig:
     # data
     data: str | None = setting(None, "training data: a file (JSON, JSONL, CSV, TSV, Parquet, TXT) or a folder",
                                "data", required=True)
-    val_data: str | None = setting(None, "validation data file (instead of --val-fraction)", "data",
+    val_data: str | None = setting(None, "validation data file (instead of a validation fraction)", "data",
                                    label="validation data", unset="none")
     val_fraction: float = setting(0.0, "share of the training rows held out for validation", "data",
                                   label="validation fraction", at_least=0, below=1)
@@ -81,9 +81,9 @@ class TrainConfig:
                            choices=VARIANTS, lora=True)
     delta_lambda: float = setting(0.5, "delta-lora: how far each step moves the base weights", "adapter", lora=True)
     # optimization
-    epochs: float = setting(1.0, "passes over the training data (when --max-steps is unset)", "optimization",
+    epochs: float = setting(1.0, "passes over the training data (when max steps is unset)", "optimization",
                             above=0)
-    max_steps: int | None = setting(None, "optimizer steps to train; overrides --epochs", "optimization",
+    max_steps: int | None = setting(None, "optimizer steps to train; overrides epochs", "optimization",
                                     label="max steps", above=0, unset="use epochs")
     batch_size: int = setting(4, "examples per micro-batch", "optimization", label="batch size", above=0)
     grad_accum: int = setting(1, "micro-batches per optimizer step (effective batch = batch size x this)",
@@ -110,9 +110,9 @@ class TrainConfig:
     log_every: int = setting(1, "log metrics every this many steps", "evaluation and checkpoints",
                              label="log every", above=0)
     # run
-    output: str | None = setting(None, "run folder (never overwritten; use --resume to continue one)", "run",
+    output: str | None = setting(None, "run folder (never overwritten; resume continues one)", "run",
                                  required=True)
-    resume: bool = setting(False, "continue the run in --output from its last checkpoint", "run")
+    resume: bool = setting(False, "continue the run in the output folder from its last checkpoint", "run")
     precision: str = setting("auto", "auto: bf16 where the hardware has it natively, else fp32 (fp16 on older GPUs)",
                              "run", choices=PRECISIONS)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
