@@ -1,15 +1,20 @@
 """Training speed and memory: our `train` against the standard transformers Trainer + peft recipe.
 
-    python bench/bench_train.py [--steps 12] [--batch-size 8] [--seq-len 512] [--peer-precision fp32]
+    python bench/bench_train.py [--steps 12] [--batch-size 4] [--seq-len 256] [--peer-precision fp32]
 
-Both sides train the same model (the embedded SmolLM2-135M-Instruct) for one epoch over the same
+Three sides train the same model (the embedded SmolLM2-135M-Instruct) for one epoch over the same
 ``steps x batch-size`` rows (a seeded sample of the shared alpaca demo data, prompts masked, tokenized by
-our data pipeline), so both see exactly the same examples and tokens, with the same LoRA (rank 16,
-alpha 32, dropout 0.05, q/k/v/o/gate/up/down), optimizer (AdamW, lr 2e-4, cosine) and batch size, each
-in a fresh process so its peak RSS is its own. Printed per side: useful tokens/s (non-padding tokens
-that carry a label, per second of the training loop), peak RSS, and the ratios ours / peer.
-The peer runs at its best setting on this hardware: fp32 unless the CPU has native bf16 (where bf16
-autocast is faster); pass --peer-precision to force one.
+our data pipeline), so all see exactly the same examples and tokens, with the same LoRA (rank 16,
+alpha 32, dropout 0.05, q/k/v/o), optimizer (AdamW, lr 2e-4, cosine) and batch size, each in a fresh
+process so its peak RSS is its own:
+
+    peer    transformers Trainer + peft at its best precision on this machine (bf16 autocast where
+            the CPU or GPU computes bf16 natively, else fp32; --peer-precision forces one)
+    ours    the studio's `train` with its default settings (precision auto)
+    qlora   the same with the base quantized to 4 bits (NF4)
+
+Printed per side: useful tokens/s (non-padding tokens that carry a label, per second of the training
+loop), peak RSS, final loss, and the ratios to the peer. The first line names the CPU and its bf16.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
-TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+TARGETS = "q_proj,k_proj,v_proj,o_proj"
 sys.path.insert(0, str(ROOT))
 
 
@@ -39,11 +44,12 @@ def run_ours(args) -> dict:
         config = TrainConfig(data=args.data, output=str(Path(tmp) / "run"), rank=16, alpha=32, dropout=0.05,
                              targets=TARGETS, epochs=1, batch_size=args.batch_size, seq_len=args.seq_len,
                              lr=2e-4, scheduler="cosine", warmup=0, seed=0, precision=args.precision,
-                             gradient_checkpointing=args.gradient_checkpointing)
+                             gradient_checkpointing=args.gradient_checkpointing,
+                             quantization="4bit" if args.side == "qlora" else "none")
         summary = train(config, Callbacks(log=lambda text: None)).summary
     return dict(useful_tokens_per_second=summary["useful_tokens_per_second"], train_tokens=summary["train_tokens"],
                 seconds=summary["wall_seconds"], peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                final_loss=summary["final_loss"])
+                final_loss=summary["final_loss"], precision=summary["precision"])
 
 
 def run_peer(args) -> dict:
@@ -91,13 +97,13 @@ def run_peer(args) -> dict:
     seconds = timing["end"] - timing["start"]
     return dict(useful_tokens_per_second=counted["tokens"] / seconds, train_tokens=counted["tokens"], seconds=seconds,
                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                final_loss=result.training_loss)
+                final_loss=result.training_loss, precision=args.precision)
 
 
 def side(name: str, args) -> dict:
     command = [sys.executable, __file__, "--side", name, "--data", args.data, "--batch-size",
                str(args.batch_size), "--seq-len", str(args.seq_len),
-               "--precision", args.peer_precision if name == "peer" else args.precision]
+               "--precision", args.peer_precision if name == "peer" else args.precision, "--steps", str(args.steps)]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -108,27 +114,34 @@ def side(name: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--side", choices=["ours", "peer"])
+    p.add_argument("--side", choices=["peer", "ours", "qlora"])
     p.add_argument("--data", help=argparse.SUPPRESS)  # the sample, written by the parent process
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--precision", default="auto", help="ours")
     p.add_argument("--peer-precision", default=None, help="fp32 or bf16 (default: the faster on this hardware)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     args = p.parse_args()
     if args.side:
-        result = (run_ours if args.side == "ours" else run_peer)(args)
+        result = (run_peer if args.side == "peer" else run_ours)(args)
         print(json.dumps(result))
         return
-    if args.peer_precision is None:
-        import torch
-
-        capability = torch.backends.cpu.get_cpu_capability()
-        native_bf16 = torch.cuda.is_available() or "AMX" in capability or "BF16" in capability
-        args.peer_precision = "bf16" if native_bf16 else "fp32"
+    import platform
     import random
     import tempfile
+
+    import torch
+
+    from lora_app.hardware import choose_precision, native_bf16_cpu
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.peer_precision is None:  # the peer's best: bf16 autocast where the hardware computes it natively
+        args.peer_precision = "fp32" if choose_precision("auto", device).name == "fp32" else "bf16"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"machine: {cpu}, {os.cpu_count()} cores, native bf16: {native_bf16_cpu() or 'no'}"
+          + (f", GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""))
 
     rows = json.loads(ALPACA.read_text())
     sample = random.Random(0).sample(rows, args.steps * args.batch_size)
@@ -137,13 +150,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.data = str(Path(tmp) / "sample.json")
         Path(args.data).write_text(json.dumps(sample))
-        results = {name: side(name, args) for name in ("peer", "ours")}
+        results = {name: side(name, args) for name in ("peer", "ours", "qlora")}
+    peer = results["peer"]
     for name, r in results.items():
-        print(f"{name:5s} useful tokens/s {r['useful_tokens_per_second']:8.1f}  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB"
-              f"  ({r['train_tokens']} tokens in {r['seconds']:.1f} s, final loss {r['final_loss']:.3f})")
-    ours, peer = results["ours"], results["peer"]
-    print(f"ratio speed  ours/peer = {ours['useful_tokens_per_second'] / peer['useful_tokens_per_second']:.2f}x")
-    print(f"ratio memory ours/peer = {ours['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}x")
+        speed, rss = r["useful_tokens_per_second"], r["peak_rss_bytes"]
+        print(f"{name:5s} {r['precision']:5s} useful tokens/s {speed:7.1f} ({speed / peer['useful_tokens_per_second']:.2f}x)"
+              f"  peak RSS {rss / 2**30:5.2f} GiB ({rss / peer['peak_rss_bytes']:.2f}x)"
+              f"  final loss {r['final_loss']:.3f}  ({r['train_tokens']} tokens in {r['seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import save_tiny, tiny_model
+from lora_app.hardware import native_bf16_cpu
 from lora_app.lora import (LoraConfig, adapter_modules, add_adapter, export_merged, load_adapter, lora_layers,
                            merge_adapters, save_adapter)
 from lora_app.models import load_model
@@ -54,8 +55,11 @@ def test_in_place_merge_is_refused_but_export_dequantizes(tiny_folder, input_ids
     assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
     with torch.no_grad():
         got = plain(input_ids).logits
-    # The exported weights are the exact dequantized base plus the adapter; only the matmul order differs.
-    assert (got - expected).abs().max() < 1e-3
+    # The exported weights are the exact dequantized base plus the adapter; only the matmul order differs
+    # where bitsandbytes' CPU kernels compute in fp32. On a CPU with native bf16 they compute in bf16
+    # (8-bit mantissa), so the bound is relative: a few bf16 roundings of the largest logit.
+    bound = 1e-3 if native_bf16_cpu() is None else 0.05 * float(expected.abs().max())
+    assert (got - expected).abs().max() < bound
 
 
 def test_adapter_trained_on_4bit_loads_on_full_precision(tiny_folder, input_ids, tmp_path):

@@ -116,6 +116,48 @@ def test_cli_lists_problems_and_exits_2(capsys):
     assert "rank must be" in err and "learning rate must be" in err
 
 
+# ---- precision ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, gpu, gpu_bf16, expected", [
+    ({"avx2", "fma"}, False, False, "fp32"),                   # AVX2 only: emulated bf16 is slower than fp32
+    ({"avx512f", "avx512bw", "avx512vl"}, False, False, "fp32"),  # AVX512 without BF16 reads "AVX512" too
+    ({"avx512f", "avx512_bf16"}, False, False, "bf16"),        # AMD Zen 4, Intel Cooper Lake
+    ({"avx512f", "amx_bf16", "amx_tile"}, False, False, "bf16"),  # Intel Sapphire Rapids
+    (set(), True, True, "bf16"),                               # Ampere and later
+    (set(), True, False, "fp16"),                              # older GPUs
+])
+def test_auto_precision_follows_what_the_machine_computes(monkeypatch, flags, gpu, gpu_bf16, expected):
+    from lora_app import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    chosen = hardware.choose_precision("auto", "cuda" if gpu else "cpu")
+    assert chosen.name == expected and chosen.reason
+    assert hardware.choose_precision("fp32", "cpu").name == "fp32"
+
+
+def test_bf16_run_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tiny_llama, qa_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from lora_app.training import trainer
+
+    seen = {}
+    real_setup = trainer.Recipe._setup_optimizer
+
+    def spy(self):
+        params = dict(self.model.named_parameters())
+        seen["base"] = {p.dtype for n, p in params.items() if not p.requires_grad}
+        seen["adapter"] = {p.dtype for n, p in params.items() if p.requires_grad}
+        real_setup(self)
+
+    monkeypatch.setattr(trainer.Recipe, "_setup_optimizer", spy)
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", precision="bf16", max_steps=3), quiet()[0])
+    assert seen == {"base": {torch.bfloat16}, "adapter": {torch.float32}}
+    assert outcome.summary["precision"] == "bf16" and math.isfinite(outcome.summary["final_loss"])
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert outcome.summary["memory_estimate"]["precision"] == "bf16"  # the estimate counts 2-byte weights
+
+
 # ---- the loss ---------------------------------------------------------------------------------
 def test_fused_loss_matches_full_logits_in_value_and_gradient():
     torch.manual_seed(0)
@@ -260,11 +302,12 @@ def test_out_of_memory_gives_advice():
 
 
 def test_memory_estimate_counts_the_real_trainable_parameters(tiny_llama, qa_data, tmp_path):
+    from lora_app.hardware import choose_precision
     from lora_app.models import load_config
     from lora_app.training.memory import estimate_memory
 
     config = config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=1)
-    estimate = estimate_memory(config, load_config(tiny_llama), "cpu")
+    estimate = estimate_memory(config, load_config(tiny_llama), "cpu", choose_precision("auto", "cpu"))
     outcome = train(config, quiet()[0])
     assert estimate["trainable_params"] == outcome.summary["trainable_params"]
     assert estimate["total_bytes"] == sum(v for k, v in estimate.items() if k.endswith("_bytes") and k != "total_bytes")

@@ -22,6 +22,7 @@ import psutil
 import torch
 
 from lora_app.errors import TargetError
+from lora_app.hardware import Precision
 from lora_app.lora import LoraConfig, add_adapter, count_parameters
 from lora_app.models import load_config, meta_model
 
@@ -44,9 +45,9 @@ def parameter_counts(model: str, trust_remote_code: bool, lora: str) -> tuple[in
     return trainable, total - trainable
 
 
-def estimate_memory(config, model_config, device: str) -> dict:
+def estimate_memory(config, model_config, device: str, precision: Precision) -> dict:
     """Bytes by component for a run of ``config`` (a TrainConfig) on ``model_config``, on a
-    ``device`` of type "cpu" or "cuda"."""
+    ``device`` of type "cpu" or "cuda", in ``precision`` (see ``hardware.choose_precision``)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
@@ -62,9 +63,8 @@ def estimate_memory(config, model_config, device: str) -> dict:
     except Exception:  # an architecture that cannot be built on the meta device: the rank formula
         trainable = 2 * lora.rank * hidden * 7 * layers
         params = 12 * hidden * hidden * layers + vocab * hidden
-    half = config.precision in ("bf16", "fp16") or (config.precision == "auto" and device == "cuda")
-    per_weight = BYTES_PER_WEIGHT[config.quantization] or (2 if half and device == "cuda" else 4)
-    act_bytes = 2 if half else 4
+    per_weight = BYTES_PER_WEIGHT[config.quantization] or (2 if precision.name == "bf16" else 4)
+    act_bytes = 4 if precision.name == "fp32" else 2
     tokens = config.batch_size * config.seq_len
     budget = config.max_batch_tokens if config.max_batch_tokens is not None else (CPU_BATCH_TOKENS if device == "cpu" else 0)
     if budget:  # micro-batches are cut to the token budget (see batches.StepPlan)
@@ -80,6 +80,7 @@ def estimate_memory(config, model_config, device: str) -> dict:
     parts["total_bytes"] = sum(parts.values())
     parts["trainable_params"] = trainable
     parts["total_params"] = params
+    parts["precision"], parts["precision_reason"] = precision.name, precision.reason
     return parts
 
 

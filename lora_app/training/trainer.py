@@ -24,11 +24,13 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from transformers import PretrainedConfig, get_scheduler, set_seed
 
 from lora_app.data import collate, prepare_dataset
 from lora_app.errors import TrainConfigError, TrainingError
+from lora_app.hardware import choose_precision
 from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
 from lora_app.models import default_device, load_config, load_model, load_tokenizer
@@ -96,18 +98,6 @@ def check_output(config: TrainConfig) -> Path:
     return output
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """accelerate's mixed-precision name. "auto": bf16 on a GPU that has it, fp16 on an older GPU,
-    and on a CPU bf16 only with native bf16 matmul (AMX / AVX512-BF16) -- without it bf16 runs
-    orders of magnitude slower than fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        capability = torch.backends.cpu.get_cpu_capability()
-        return "bf16" if "AMX" in capability or "BF16" in capability else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-
-
 # ---- the model with its loss --------------------------------------------------------------------
 _UNFUSABLE = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -155,13 +145,17 @@ class Recipe:
     def __init__(self, config: TrainConfig, callbacks: Callbacks, checked: Checked):
         self.config, self.cb, self.output = config, callbacks, checked.output
         self._setup_data()
+        self.precision = choose_precision(config.precision, torch.device(default_device()).type)
+        # accelerate keeps one precision per process; a second run in the same process (a benchmark, the
+        # tests) may want another. The distributed state (PartialState) is kept.
+        AcceleratorState._reset_state()
         # cpu=True without a GPU: torchrun / accelerate launch then give data parallelism over gloo
-        self.accelerator = Accelerator(mixed_precision=resolve_precision(config.precision, torch.device(default_device())),
-                                       cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=self.precision.accelerate, cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process  # with several processes, one writes the files
         set_seed(config.seed)
-        self.estimate = estimate_memory(config, checked.model_config, self.device.type)
+        self.estimate = estimate_memory(config, checked.model_config, self.device.type, self.precision)
+        self.cb.log(f"precision {self.precision.name}: {self.precision.reason}")
         self.cb.log(f"memory estimate: {self.estimate['total_bytes'] / 2**30:.2f} GiB")
         self._setup_model()
         self._setup_plan()
@@ -193,8 +187,10 @@ class Recipe:
         """The base model (quantized if asked), with a new adapter or the one being resumed."""
         c = self.config
         quantization = None if c.quantization == "none" else c.quantization
-        bf16_weights = self.accelerator.mixed_precision == "bf16" and self.device.type == "cuda"
-        self.model, _ = load_model(c.model, quantization, dtype=torch.bfloat16 if bf16_weights else torch.float32,
+        # bf16 runs keep the frozen base in bf16 (half the memory, native matmuls); adapters and their
+        # optimizer state stay fp32
+        weights = torch.bfloat16 if self.precision.name == "bf16" else torch.float32
+        self.model, _ = load_model(c.model, quantization, dtype=weights,
                                    device=str(self.device), double_quant=c.double_quant,
                                    trust_remote_code=c.trust_remote_code)
         self.model.config.use_cache = False
@@ -250,7 +246,7 @@ class Recipe:
                               estimate=self.estimate, start_step=self.step, train_rows=self.data.report.train_rows,
                               val_rows=self.data.report.val_rows))
         self.cb.log(f"training {self.trainable:,} of {self.total:,} parameters for {self.total_steps} steps "
-                    f"({self.accelerator.mixed_precision} precision, {self.device})")
+                    f"({self.precision.name}, {self.device})")
 
     def _loss_step(self) -> tuple[float, torch.Tensor | float]:
         """One optimizer step over its micro-batches; the loss is the mean over the step's labelled tokens."""
@@ -345,8 +341,8 @@ class Recipe:
                        peak_memory_bytes=peak.get("cuda_peak_bytes", peak["peak_rss_bytes"]),
                        peak_rss_bytes=peak["peak_rss_bytes"], trainable_params=self.trainable,
                        total_params=self.total, wall_seconds=wall, memory_estimate_bytes=self.estimate["total_bytes"],
-                       memory_estimate=self.estimate, precision=self.accelerator.mixed_precision,
-                       device=str(self.device))
+                       memory_estimate=self.estimate, precision=self.precision.name,
+                       precision_reason=self.precision.reason, device=str(self.device))
         if self.main:
             write_json(self.output / "summary.json", summary)
         return Outcome(status, summary)

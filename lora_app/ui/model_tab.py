@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from lora_app.errors import UserError
+from lora_app.hardware import choose_precision
 from lora_app.lora import DEFAULT_TARGETS, resolve_targets
 from lora_app.lora.targets import leaf_names
 from lora_app.models import default_device, meta_model
@@ -78,12 +79,14 @@ def estimate_text(config) -> str:
     if problems:
         return "**Fix these settings:**\n" + "\n".join(f"- {p}" for p in problems)
     resolve_targets(meta_model_for(config.model), config.targets)  # the estimate would guess; say what matches instead
-    e = estimate_memory(config, model_config_for(config.model), torch.device(default_device()).type)
+    device = torch.device(default_device()).type
+    e = estimate_memory(config, model_config_for(config.model), device, choose_precision(config.precision, device))
     share = 100 * e["trainable_params"] / max(e["total_params"], 1)
     return (f"**{fmt_count(e['trainable_params'])} trainable parameters** ({share:.2f} % of {fmt_count(e['total_params'])}) · "
             f"estimated memory **{fmt_bytes(e['total_bytes'])}** (weights {fmt_bytes(e['weights_bytes'])}, "
             f"adapter + gradients + optimizer {fmt_bytes(e['adapter_bytes'] + e['gradients_bytes'] + e['optimizer_bytes'])}, "
-            f"activations {fmt_bytes(e['activations_bytes'])}, runtime {fmt_bytes(e['runtime_bytes'])})")
+            f"activations {fmt_bytes(e['activations_bytes'])}, runtime {fmt_bytes(e['runtime_bytes'])}) · "
+            f"**{e['precision']}**: {e['precision_reason']}")
 
 
 @friendly

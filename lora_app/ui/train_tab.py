@@ -140,6 +140,9 @@ def progress_html(run, metrics: list[dict], device_busy: bool = False) -> str:
         facts.append(f"eval loss {evals[-1]:.4f}")
     if last.get("tokens_per_second"):
         facts.append(f"{last['tokens_per_second']:.0f} tokens/s")
+    estimate = run.estimate or {}
+    if estimate.get("precision"):
+        facts.append(f"{estimate['precision']}: {estimate['precision_reason']}")
     if run.status == "queued":
         facts.append("waiting for the running job to finish" if device_busy else "starting…")
     if run.cancel_requested and run.status == "running":
