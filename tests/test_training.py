@@ -158,6 +158,32 @@ def test_bf16_run_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tiny_llama, qa_
     assert outcome.summary["memory_estimate"]["precision"] == "bf16"  # the estimate counts 2-byte weights
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                                  "polynomial"])
+def test_schedules_match_transformers(name):
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import get_scheduler
+
+    from lora_app.training.schedule import SCHEDULES, multiplier
+
+    assert name in SCHEDULES
+
+    def curve(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = make(optimizer)
+        lrs = []
+        for _ in range(12):
+            lrs.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    ours = curve(lambda opt: LambdaLR(opt, lambda step: multiplier(name, step, warmup=3, total=10)))
+    theirs = curve(lambda opt: get_scheduler(name, opt, num_warmup_steps=3, num_training_steps=10))
+    # polynomial: transformers decays to an absolute 1e-7, ours to 1e-7 of the peak
+    assert ours == pytest.approx(theirs, abs=2e-7 if name == "polynomial" else 1e-12)
+
+
 # ---- the loss ---------------------------------------------------------------------------------
 def test_fused_loss_matches_full_logits_in_value_and_gradient():
     torch.manual_seed(0)

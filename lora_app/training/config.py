@@ -22,8 +22,8 @@ from lora_app.data.templates import TEMPLATES
 from lora_app.errors import LoraConfigError, TrainConfigError
 from lora_app.lora.config import QUANTIZATIONS, VARIANTS, LoraConfig
 from lora_app.paths import write_json
+from lora_app.training.schedule import SCHEDULES
 
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPS = ("data", "model", "adapter", "optimization", "evaluation and checkpoints", "run")
 
@@ -95,7 +95,7 @@ class TrainConfig:
     lora_plus_ratio: float | None = setting(None, "LoRA+: B learns this many times faster than A (16 is typical)",
                                             "optimization", label="LoRA+ ratio", above=0, unset="off")
     weight_decay: float = setting(0.0, "AdamW weight decay", "optimization", label="weight decay", at_least=0)
-    scheduler: str = setting("cosine", "learning-rate schedule after warmup", "optimization", choices=SCHEDULERS)
+    scheduler: str = setting("cosine", "learning-rate schedule after warmup", "optimization", choices=tuple(SCHEDULES))
     warmup: float = setting(0.03, "warmup: a fraction of the steps (< 1) or a number of steps (>= 1)",
                             "optimization", at_least=0)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)", "optimization",

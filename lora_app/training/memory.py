@@ -5,7 +5,7 @@ The estimate adds up, for the chosen settings:
     weights      parameters x bytes per parameter (4 fp32, 2 bf16/fp16, ~1.03 int8, ~0.56 NF4)
     adapter      trainable parameters x 4 bytes, their gradients (x 4) and AdamW's two moments (x 8)
     activations  what autograd keeps per token and layer (about 16 hidden-size and 6 intermediate-size
-                 vectors; one hidden-size vector with gradient checkpointing, plus one layer in full)
+                 vectors; about four hidden-size vectors with gradient checkpointing, plus one layer in full)
                  x batch x sequence length, plus one chunk of fp32 logits for the loss
     runtime      the framework itself (a measured constant)
 
@@ -69,8 +69,8 @@ def estimate_memory(config, model_config, device: str, precision: Precision) -> 
     budget = config.max_batch_tokens if config.max_batch_tokens is not None else (CPU_BATCH_TOKENS if device == "cpu" else 0)
     if budget:  # micro-batches are cut to the token budget (see batches.StepPlan)
         tokens = min(tokens, max(budget, config.seq_len))
-    if config.gradient_checkpointing:
-        per_token = hidden * layers + 16 * hidden + 6 * inter
+    if config.gradient_checkpointing:  # measured: about four hidden-size vectors per layer stay alive
+        per_token = 4 * hidden * layers + 16 * hidden + 6 * inter
     else:
         per_token = (16 * hidden + 6 * inter) * layers
     activations = tokens * per_token * act_bytes + min(tokens, LOSS_CHUNK) * vocab * 4 * 2

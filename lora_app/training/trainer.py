@@ -15,6 +15,7 @@ positions onto the vocabulary (see ``loss.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import nullcontext
@@ -26,7 +27,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
-from transformers import PretrainedConfig, get_scheduler, set_seed
+from accelerate.utils import set_seed
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PretrainedConfig
 
 from lora_app.data import collate, prepare_dataset
 from lora_app.errors import TrainConfigError, TrainingError
@@ -39,6 +42,7 @@ from lora_app.training.batches import StepPlan
 from lora_app.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
+from lora_app.training.schedule import multiplier
 from lora_app.training.memory import CPU_BATCH_TOKENS, estimate_memory, memory_now
 
 ADAPTER = "default"
@@ -221,8 +225,8 @@ class Recipe:
                                            lr=c.lr)
         self.delta = DeltaLoraUpdater(self.model, ADAPTER, self.optimizer) if c.variant == "delta-lora" else None
         warmup = int(c.warmup) if c.warmup >= 1 else round(c.warmup * self.total_steps)
-        self.scheduler = get_scheduler(c.scheduler, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = LambdaLR(self.optimizer, functools.partial(multiplier, c.scheduler, warmup=warmup,
+                                                                    total=self.total_steps))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Outcome:
