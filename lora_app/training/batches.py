@@ -75,6 +75,11 @@ class StepPlan:
         return plan_batches(self.lengths if self.group_by_length else [0] * len(self.lengths), self.batch_size,
                             self.seed, epoch, self.group_by_length, self.shard)
 
+    def largest_micro_batch(self) -> int:
+        """Padded tokens of the largest micro-batch of the first epoch (what activation memory follows)."""
+        return max((len(chunk) * max(self.lengths[i] for i in chunk)
+                    for step in range(self.steps_per_epoch) for chunk in self.micro_batches(step)), default=0)
+
     def micro_batches(self, step: int) -> list[list[int]]:
         """Example indices of each micro-batch of optimizer step ``step`` (0-based)."""
         indices = []

@@ -90,7 +90,7 @@ class TrainConfig:
                               "optimization", label="gradient accumulation", above=0)
     max_batch_tokens: int | None = setting(None, "cap on padded tokens per micro-batch (0: none); the optimizer "
                                            "step is the same either way", "optimization", label="max batch tokens",
-                                           at_least=0, unset="2048 on a CPU, none on a GPU")
+                                           at_least=0, unset="512 on a CPU, none on a GPU")
     lr: float = setting(2e-4, "peak learning rate", "optimization", label="learning rate", above=0)
     lora_plus_ratio: float | None = setting(None, "LoRA+: B learns this many times faster than A (16 is typical)",
                                             "optimization", label="LoRA+ ratio", above=0, unset="off")

@@ -43,7 +43,7 @@ from lora_app.training.checkpoint import latest_checkpoint, load_checkpoint, sav
 from lora_app.training.config import TrainConfig
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
 from lora_app.training.schedule import multiplier
-from lora_app.training.memory import CPU_BATCH_TOKENS, estimate_memory, memory_now
+from lora_app.training.memory import estimate_memory, memory_now, token_budget
 
 ADAPTER = "default"
 RUN_FILES = {"train.log", "config.json"}  # what a run folder holds before its training has produced anything
@@ -158,11 +158,12 @@ class Recipe:
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process  # with several processes, one writes the files
         set_seed(config.seed)
-        self.estimate = estimate_memory(config, checked.model_config, self.device.type, self.precision)
+        self._setup_plan()
+        self.estimate = estimate_memory(config, checked.model_config, self.device.type, self.precision,
+                                        tokens=self.plan.largest_micro_batch())
         self.cb.log(f"precision {self.precision.name}: {self.precision.reason}")
         self.cb.log(f"memory estimate: {self.estimate['total_bytes'] / 2**30:.2f} GiB")
         self._setup_model()
-        self._setup_plan()
         self._setup_optimizer()
         # The scheduler stays unprepared: accelerate would step it once per process, but our step count
         # is already per process (each process sees its shard of the batches).
@@ -210,11 +211,10 @@ class Recipe:
 
     def _setup_plan(self) -> None:
         c = self.config
-        budget = c.max_batch_tokens if c.max_batch_tokens is not None else \
-            (CPU_BATCH_TOKENS if self.device.type == "cpu" else 0)
         shard = (self.accelerator.process_index, self.accelerator.num_processes)
         self.plan = StepPlan([len(example["input_ids"]) for example in self.data.train], c.batch_size, c.grad_accum,
-                             c.seed, group_by_length=not c.packing, shard=shard, token_budget=budget)
+                             c.seed, group_by_length=not c.packing, shard=shard,
+                             token_budget=token_budget(c, self.device.type))
         if self.plan.batches_per_epoch == 0:
             raise TrainingError("There are fewer training examples than processes; nothing to train on.")
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.plan.steps_per_epoch))
