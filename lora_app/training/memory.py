@@ -3,6 +3,7 @@
 The estimate adds up, for the chosen settings:
 
     weights      parameters x bytes per parameter (4 fp32, 2 bf16/fp16, ~1.03 int8, ~0.56 NF4)
+    loading      a quantized base on a CPU: the full-precision copy it was quantized from
     adapter      trainable parameters x 4 bytes, their gradients (x 4) and AdamW's two moments (x 8)
     activations  what autograd keeps per token and layer (about 16 hidden-size and 6 intermediate-size
                  vectors; about four hidden-size vectors with gradient checkpointing, plus one layer in full)
@@ -86,7 +87,10 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
     else:
         per_token = (16 * hidden + 6 * inter) * layers
     activations = tokens * per_token * act_bytes + min(tokens, LOSS_CHUNK) * vocab * 4 * 2
-    parts = dict(weights_bytes=int(params * per_weight), adapter_bytes=trainable * 4,
+    # A quantized base is loaded in full precision first; on a CPU the freed copy stays with the process
+    # (measured: QLoRA peak RSS 2.6 GiB against 1.8 GiB without it, default model, batch 4, seq-len 256)
+    loading = params * (2 if precision.name == "bf16" else 4) if config.quantization != "none" and device == "cpu" else 0
+    parts = dict(weights_bytes=int(params * per_weight), loading_bytes=int(loading), adapter_bytes=trainable * 4,
                  gradients_bytes=trainable * 4, optimizer_bytes=trainable * 8,
                  activations_bytes=int(activations), runtime_bytes=RUNTIME_BYTES[device])
     parts["total_bytes"] = sum(parts.values())

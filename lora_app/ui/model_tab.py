@@ -85,7 +85,9 @@ def estimate_text(config) -> str:
     return (f"**{fmt_count(e['trainable_params'])} trainable parameters** ({share:.2f} % of {fmt_count(e['total_params'])}) · "
             f"estimated memory **{fmt_bytes(e['total_bytes'])}** (weights {fmt_bytes(e['weights_bytes'])}, "
             f"adapter + gradients + optimizer {fmt_bytes(e['adapter_bytes'] + e['gradients_bytes'] + e['optimizer_bytes'])}, "
-            f"activations {fmt_bytes(e['activations_bytes'])}, runtime {fmt_bytes(e['runtime_bytes'])}) · "
+            f"activations {fmt_bytes(e['activations_bytes'])}, runtime {fmt_bytes(e['runtime_bytes'])}"
+            + (f", loading the base before quantizing it {fmt_bytes(e['loading_bytes'])}" if e["loading_bytes"] else "")
+            + ") · "
             f"**{e['precision']}**: {e['precision_reason']}")
 
 
