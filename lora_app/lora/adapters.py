@@ -36,6 +36,7 @@ class Dropout(nn.Dropout):
         keep = torch.randint(0, 32768, x.shape, dtype=torch.int16, device=x.device) >= threshold
         return (x * keep).mul_(32768 / (32768 - threshold))
 
+
 class Adapter(nn.Module):
     """What every variant shares: its saved tensors are its parameters under peft key suffixes."""
 

@@ -69,7 +69,8 @@ def run_details(run_id, other_id=None) -> str:
                      f"{s.get('steps')} steps · {fmt_count(s.get('train_tokens'))} trained tokens · "
                      f"{_num(s.get('useful_tokens_per_second'), 0)} tokens/s · {fmt_seconds(s.get('wall_seconds'))} · "
                      f"peak memory {fmt_bytes(s.get('peak_memory_bytes'))} (estimate {fmt_bytes(s.get('memory_estimate_bytes'))}) · "
-                     f"{fmt_count(s.get('trainable_params'))} trainable parameters")
+                     f"{fmt_count(s.get('trainable_params'))} trainable parameters"
+                     + (f" · {s['precision']}: {s['precision_reason']}" if s.get("precision_reason") else ""))
     if run.error:
         lines.append(f"```\n{run.error.strip()[-1500:]}\n```")
     if other_id and other_id != run_id:
