@@ -26,7 +26,7 @@ import torch
 from lora_app.data import parse_mapping
 from lora_app.errors import DataError, UserError
 from lora_app.models import default_device
-from lora_app.training.config import GROUPS, TrainConfig, value_type
+from lora_app.training.config import GROUPS, TrainConfig, flag, value_type
 from lora_app.training.store import RunStore
 from lora_app.training.trainer import Callbacks, preflight, train
 
@@ -34,10 +34,6 @@ HEARTBEAT_EVERY = 5.0
 
 OOM_ADVICE = ("Out of memory. Try a smaller batch size or sequence length (use --grad-accum to keep the effective "
               "batch), 4-bit quantization (--quantization 4bit), or --gradient-checkpointing.")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def parser() -> argparse.ArgumentParser:

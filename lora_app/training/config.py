@@ -185,6 +185,11 @@ class TrainConfig:
 
 
 # ---- what the declarations say, for the layers that derive from them -----------------------------
+def flag(name: str) -> str:
+    """The command-line option of setting ``name``."""
+    return "--" + name.replace("_", "-")
+
+
 def label(f) -> str:
     """The setting's name in words ("learning rate")."""
     return f.metadata["label"] or f.name.replace("_", " ")
@@ -207,7 +212,7 @@ def _check(f, value) -> str | None:
     """What is wrong with ``value`` for field ``f``, or None."""
     name, kind, meta = label(f), value_type(f), f.metadata
     if value is None:
-        return f"no {name} given (--{f.name.replace('_', '-')})" if meta["required"] or not optional(f) else None
+        return f"no {name} given ({flag(f.name)})" if meta["required"] or not optional(f) else None
     if meta["choices"] is not None:
         return None if value in meta["choices"] else \
             f"unknown {name} {value!r} (choose from {', '.join(meta['choices'])})"

@@ -288,9 +288,10 @@ class Recipe:
         stop = self.cb.should_stop()
         if self.accelerator.num_processes > 1:  # a cancel reaches the main process; every process must stop
             stop = bool(self.accelerator.reduce(torch.tensor([float(stop)], device=self.device), "sum").item())
+        # the last step is evaluated in _finish, once
         eval_loss = self._evaluate() if c.eval_every and step % c.eval_every == 0 and not last else None
         self.eval_loss = eval_loss if eval_loss is not None else self.eval_loss
-        if step % c.log_every == 0 or last or stop:  # the last step is evaluated in _finish, once
+        if step % c.log_every == 0 or last or stop:
             values = dict(loss=loss, lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                           tokens_per_second=self.window_tokens / max(now - self.window_start, 1e-9), elapsed=wall,
                           eta=(now - self.started) / max(step - self.first_step, 1) * (self.total_steps - step),
@@ -299,11 +300,12 @@ class Recipe:
                 values["eval_loss"] = eval_loss
             self.cb.on_log(step, values)
             self.window_tokens, self.window_start = 0, now
-        if (c.save_every and step % c.save_every == 0 and not last) or (stop and not last):
+        cancel = stop and not last
+        if cancel or (c.save_every and step % c.save_every == 0 and not last):
             self._checkpoint(wall)
-        if stop and not last:
+        if cancel:
             self.cb.log(f"cancelled: checkpoint saved at step {step}; resume to continue")
-        return stop and not last
+        return cancel
 
     def _evaluate(self) -> float | None:
         """Mean loss per labelled token over the validation set; None without one."""

@@ -15,8 +15,7 @@ from dataclasses import fields
 import gradio as gr
 
 from lora_app.data import parse_mapping
-from lora_app.training.cli import flag
-from lora_app.training.config import TrainConfig, label, optional, value_type
+from lora_app.training.config import TrainConfig, flag, label, optional, value_type
 
 SETTINGS = {f.name: f for f in fields(TrainConfig)}
 # What the page does not edit: the dataset comes from the Data tab and the run folder from the store;
