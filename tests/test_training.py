@@ -108,6 +108,15 @@ def test_problems_are_keyed_by_setting():
     assert list(err.value.problems) == ["rank"] and str(err.value).startswith("Cannot start training:")
 
 
+def test_preflight_reports_settings_and_model_limits_together(tiny_llama, tmp_path):
+    from lora_app.training.trainer import preflight
+
+    with pytest.raises(TrainConfigError) as err:
+        preflight(TrainConfig(model=tiny_llama, data="d.json", output=str(tmp_path / "run"), lr=-1, seq_len=4096))
+    assert set(err.value.problems) == {"lr", "seq_len"}
+    assert "maximum of 128" in str(err.value) and "learning rate" in str(err.value)
+
+
 def test_cli_lists_problems_and_exits_2(capsys):
     from lora_app.training.cli import main
 

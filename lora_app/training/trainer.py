@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PretrainedConfig
 
 from lora_app.data import collate, prepare_dataset
-from lora_app.errors import TrainConfigError, TrainingError
+from lora_app.errors import ModelLoadError, TrainConfigError, TrainingError
 from lora_app.hardware import choose_precision
 from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
@@ -75,16 +75,23 @@ class Checked:
 
 
 def preflight(config: TrainConfig) -> Checked:
-    """Every check that needs no weights: the settings, the output folder, the model's config and
-    limits. Raises a ``UserError`` subclass naming every problem."""
-    config.validate()
-    output = check_output(config)
-    model_config = load_config(config.model, config.trust_remote_code)
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    if limit and config.seq_len > limit:
-        raise TrainConfigError({"seq_len": f"sequence length {config.seq_len} is beyond the model's maximum of "
-                                           f"{limit} positions"})
-    return Checked(output, model_config)
+    """Every check that needs no weights: the settings, the model's config and limits, the output
+    folder. Raises a ``UserError`` subclass; settings problems come all at once."""
+    problems = config.problems()
+    model_config = None
+    try:
+        model_config = load_config(config.model, config.trust_remote_code)
+    except ModelLoadError as err:
+        if not problems:
+            raise
+        problems["model"] = str(err)
+    limit = model_config and (getattr(model_config, "max_position_embeddings", None)
+                              or getattr(model_config, "n_positions", None))
+    if limit and "seq_len" not in problems and config.seq_len > limit:
+        problems["seq_len"] = f"sequence length {config.seq_len} is beyond the model's maximum of {limit} positions"
+    if problems:
+        raise TrainConfigError(problems)
+    return Checked(check_output(config), model_config)
 
 
 def check_output(config: TrainConfig) -> Path:

@@ -120,14 +120,12 @@ def widget(name: str, value, *, slider: tuple | None = None, **layout):
     if meta["choices"] is not None:
         choices = ([AUTO] if optional(f) else []) + list(meta["choices"])
         return gr.Dropdown(choices, value=value, label=text, info=info, **layout)
-    low = meta["above"] if meta["above"] is not None else meta["at_least"]
     if slider:
         lo, hi, step = slider
         return gr.Slider(lo, hi, value=value, step=step, label=text, info=meta["help"], **layout)
-    if _unset_number(name):
-        low = 0  # 0 stands for unset
-    return gr.Number(value=value, label=text, info=meta["help"], precision=0 if kind is int else None,
-                     minimum=low, **layout)
+    # no minimum on the box: Gradio would refuse an out-of-range value with a bare "Error", while
+    # TrainConfig.problems() says what is wrong in words
+    return gr.Number(value=value, label=text, info=meta["help"], precision=0 if kind is int else None, **layout)
 
 
 def cli_command(config: TrainConfig) -> str:
