@@ -36,15 +36,15 @@ from lora_app.lora import LoraConfig, adapter_modules, add_adapter, remove_adapt
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def make_adapters(model, folder: Path, rank: int, count: int = 3) -> list[Path]:
-    """Save ``count`` random adapters for ``model`` (attached only while saving)."""
+def make_adapters(model, folder: Path, rank: int, count: int = 3, scale: float = 1e-3) -> list[Path]:
+    """Save ``count`` random adapters for ``model`` (attached only while saving); ``scale``: the std of B."""
     folders = []
     for i in range(count):
         add_adapter(model, LoraConfig(rank=rank, alpha=2 * rank, targets="all-linear"), "bench_tmp")
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for module in adapter_modules(model, "bench_tmp").values():
-                module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * 1e-3)
+                module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * scale)
         folders.append(save_adapter(model, "bench_tmp", folder / f"adapter{i + 1}"))
         remove_adapter(model, "bench_tmp")
     return folders

@@ -300,6 +300,7 @@ class Recipe:
         self.eval_loss = eval_loss if eval_loss is not None else self.eval_loss
         if step % c.log_every == 0 or last or stop:
             values = dict(loss=loss, lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                          tokens=self.train_tokens,
                           tokens_per_second=self.window_tokens / max(now - self.window_start, 1e-9), elapsed=wall,
                           eta=(now - self.started) / max(step - self.first_step, 1) * (self.total_steps - step),
                           epoch=step / self.plan.steps_per_epoch, **memory_now(self.device))
