@@ -1,21 +1,37 @@
-"""`python -m lora_app {train,generate,export} ...`: everything the UI does, headless."""
+"""`lora-app COMMAND ...` (or `python -m lora_app COMMAND ...`): the studio, and everything it does, headless.
+
+A command's module is imported only when that command runs, so the list of commands (``--help``)
+comes back at once, without loading torch or gradio.
+"""
 
 import importlib
 import sys
 
+# command -> (the module whose main(argv) runs it, argv starting with the command; what it does)
+COMMANDS = {
+    "train": ("lora_app.training.cli", "train a LoRA adapter (the run is recorded where the studio shows it)"),
+    "generate": ("lora_app.inference.cli", "generate a reply with a base model and adapters"),
+    "export": ("lora_app.inference.cli", "write a merged model folder and/or an adapter zip, or push to the Hub"),
+    "studio": ("lora_app.studio", "serve the studio in the browser (as `python app.py` does)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
+    return "\n".join(["usage: lora-app COMMAND [options]   (or: python -m lora_app COMMAND [options])", "",
+                      "commands:", *lines, "", "`lora-app COMMAND --help` lists a command's options."])
+
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "train": "lora_app.training.cli",
-        "generate": "lora_app.inference.cli",
-        "export": "lora_app.inference.cli",
-    }
-    if not argv or argv[0] not in commands:
-        print("usage: python -m lora_app {train,generate,export} [options]  (add --help to a command)",
-              file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(commands[argv[0]])
+    module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv)
 
 

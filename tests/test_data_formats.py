@@ -137,6 +137,14 @@ def test_one_column_csv(tmp_path):
     assert name == "text" and samples == ["Hello, world; again", "plain"]
 
 
+def test_one_column_csv_keeps_unquoted_delimiters_in_its_text(tmp_path):
+    """The header names one column, so commas (or ; | tabs) in the records are text, however many there are."""
+    records = ["Hello, world, again", "One, two", "No comma at all", "semi; colon | pipe\tand, comma", 'He said "hi", twice']
+    name, samples, report = load(write(tmp_path / "t.csv", "text\n" + "\n".join(records) + '\n"quoted, ""too"""\n'))
+    assert name == "text" and samples == [*records, 'quoted, "too"']
+    assert report.rows_read == 6 and not report.skipped
+
+
 def test_where_rows_are_located(tmp_path):
     """Skipped rows point at a line (text files), a row number (JSON, Parquet) or a file and line (folders)."""
     bad = [*QA, {"prompt": "no answer"}]
@@ -252,6 +260,17 @@ def test_openai_messages_with_string_and_list_content(tmp_path):
     ]
     assert [m["role"] for m in samples[1]] == ["user", "assistant", "tool", "assistant"]
     assert json.loads(samples[1][1]["content"]) == rows[1]["messages"][1]["tool_calls"]
+
+
+def test_content_parts_with_their_text_under_value(tmp_path):
+    """Some exports write text parts as {"type": "text", "value": ...}: read like "text"."""
+    row = {"messages": [
+        {"role": "user", "content": [{"type": "text", "value": "Part one."}, {"type": "text", "text": "Part two."}]},
+        {"role": "assistant", "content": [{"type": "text", "value": "Read."}]},
+    ]}
+    _, samples, report = load(write(tmp_path / "m.jsonl", jsonl([row])))
+    assert not report.skipped
+    assert list(samples[0]) == [{"role": "user", "content": "Part one.\nPart two."}, {"role": "assistant", "content": "Read."}]
 
 
 @pytest.mark.parametrize("prompt, completion", [("prompt", "completion"), ("question", "answer"),

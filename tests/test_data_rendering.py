@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from test_data_formats import write_jsonl
-from lora_app.data import DataError, collate, prepare_dataset
+from lora_app.data import DataError, collate, prepare_dataset, preview_dataset
 from lora_app.data.encode import IGNORE_INDEX
 from lora_app.data.templates import ALPACA_SYSTEM
 
@@ -164,6 +164,55 @@ def test_labels_are_masked_except_assistant_turns(tok, chat_file):
     assert tok.decode(trained) == "Hello!<|im_end|>4<|im_end|>"
     untrained = tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE_INDEX])
     assert "Be brief." in untrained and "2+2?" in untrained and "Hello!" not in untrained
+
+
+def _weighted(key, weights, style="openai"):
+    """CONVERSATION with ``key: weight`` on its assistant turns (None: no key), in OpenAI or ShareGPT style."""
+    answers = iter(weights)
+    turns = [{**m, key: next(answers)} if m["role"] == "assistant" else dict(m) for m in CONVERSATION]
+    turns = [{k: v for k, v in t.items() if v is not None} for t in turns]
+    if style == "openai":
+        return {"messages": turns}
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": names[t.pop("role")], "value": t.pop("content"), **t} for t in turns]}
+
+
+@pytest.mark.parametrize("row", [
+    _weighted("weight", [0, 1]),
+    _weighted("weight", [0, None]),
+    _weighted("loss_weight", [0, 1.0], style="sharegpt"),
+    _weighted("loss_weight", [0.0, None], style="sharegpt"),
+])
+def test_answers_with_loss_weight_0_are_context_not_trained(row, tok, tmp_path):
+    data = prepare_dataset(write_jsonl(tmp_path / "w.jsonl", [row]), tok)
+    example = data.train[0]
+    assert text_of(tok, example) == tok.apply_chat_template(CONVERSATION, tokenize=False)  # the answer is still seen
+    assert trained_runs(tok, example) == ["4<|im_end|>"]
+    spans = preview_dataset(tmp_path / "w.jsonl", tok).examples[0]  # the preview marks only what is trained
+    assert [text for text, trained in spans if trained] == ["4<|im_end|>"]
+
+
+def test_loss_weight_with_a_system_column_and_a_trailing_weight_0_answer(tok, tmp_path):
+    """The system prompt put first does not shift which turn is untrained; turns after the last
+    trained answer teach nothing and are dropped."""
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!", "loss_weight": 1},
+                             {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4", "loss_weight": 0}],
+           "system": "Be brief."}
+    example = prepare_dataset(write_jsonl(tmp_path / "s.jsonl", [row]), tok).train[0]
+    assert text_of(tok, example) == tok.apply_chat_template(CONVERSATION[:3], tokenize=False)
+    assert trained_runs(tok, example) == ["Hello!<|im_end|>"]
+
+
+def test_rows_whose_weights_leave_nothing_to_train_or_are_not_0_or_1(tok, tmp_path):
+    rows = [_weighted("weight", [1, 1]), _weighted("weight", [0, 0]), _weighted("loss_weight", [0.0, 0]),
+            _weighted("weight", [0.5, 1]), _weighted("loss_weight", ["0", 1])]
+    report = prepare_dataset(write_jsonl(tmp_path / "w.jsonl", rows), tok).report
+    assert report.train_rows == 1
+    assert report.skipped_lines() == [
+        "2 rows: every assistant turn has loss weight 0 (first at line 2)",
+        "1 row: a turn's 'weight' is not 0 or 1 (first at line 4)",
+        "1 row: a turn's 'loss_weight' is not 0 or 1 (first at line 5)",
+    ]
 
 
 def test_train_on_prompt_trains_every_token(tok, chat_file):

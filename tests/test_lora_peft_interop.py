@@ -4,8 +4,9 @@ adapters peft saves load here. peft is never imported by lora_app."""
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import save_tiny, tiny_model
 from lora_app.lora import LoraConfig, add_adapter, adapter_modules, load_adapter, save_adapter
+from lora_app.models import load_model
 
 peft = pytest.importorskip("peft")
 
@@ -69,3 +70,18 @@ def test_peft_rank_pattern_loads_with_per_layer_scaling(input_ids, tmp_path):
     save_adapter(model, "default", tmp_path / "again")  # and it round-trips back into peft
     back = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "again").eval()
     assert (logits(back, input_ids) - expected).abs().max() <= 1e-4
+
+
+def test_peft_finds_the_base_of_our_adapter_by_itself(input_ids, tmp_path, monkeypatch):
+    """AutoPeftModelForCausalLM loads the base the adapter names: a local folder, given relative to the
+    folder the app ran in, is recorded as an absolute path."""
+    save_tiny("llama", tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model("tiny", device="cpu")
+    add_adapter(model, LoraConfig(rank=4, alpha=8, targets="all-linear"))
+    randomize([(n, p) for a in adapter_modules(model, "default").values() for n, p in a.named_parameters()], 3)
+    ours = logits(model.eval(), input_ids)
+    save_adapter(model, "default", tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path / "adapter")  # somewhere else: only an absolute path still leads to the base
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert (logits(theirs, input_ids) - ours).abs().max() <= 1e-4

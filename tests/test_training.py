@@ -220,7 +220,7 @@ def test_batches_cover_every_example_once_and_are_deterministic():
     assert plan == plan_batches(lengths, 8, seed=1, epoch=0)
     assert plan != plan_batches(lengths, 8, seed=1, epoch=1)
     padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in plan)
-    random_plan = plan_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
+    random_plan = plan_batches(lengths, 8, seed=1, epoch=0, grouped=False)
     random_padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in random_plan)
     assert padding < random_padding / 4
     shards = [plan_batches(lengths, 8, 1, 0, shard=(rank, 3)) for rank in range(3)]
@@ -302,7 +302,7 @@ def test_quantized_base_trains_on_cpu(quantization, tiny_llama, qa_data, tmp_pat
 
 
 def test_packing_and_gradient_checkpointing(tiny_llama, qa_data, tmp_path):
-    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", packing=True, gradient_checkpointing=True,
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", batching="packed", gradient_checkpointing=True,
                                max_steps=2), quiet()[0])
     assert outcome.summary["steps"] == 2 and math.isfinite(outcome.summary["final_loss"])
 
@@ -320,13 +320,15 @@ def test_a_diverging_run_stops_with_a_message(tmp_path, qa_data):
         train(config_for(str(model_dir), qa_data, tmp_path / "run"), quiet()[0])
 
 
-def test_bad_data_gives_the_data_message(tiny_llama, tmp_path):
-    from lora_app.data import DataError
+def test_bad_data_is_found_before_the_model_loads(tiny_llama, tmp_path, monkeypatch):
+    import lora_app.training.trainer as trainer
 
     empty = tmp_path / "empty.json"
     empty.write_text("")
-    with pytest.raises(DataError):
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(TrainConfigError) as err:
         train(config_for(tiny_llama, str(empty), tmp_path / "run"), quiet()[0])
+    assert "empty.json" in err.value.problems["data"] and not (tmp_path / "run").exists()
 
 
 def test_out_of_memory_gives_advice():
@@ -372,3 +374,55 @@ def test_columns_mapped_by_hand_reach_training(tiny_llama, tmp_path):
     outcome = train(config_for(tiny_llama, str(data), tmp_path / "mapped", max_steps=1, data_format="prompt_completion",
                                data_mapping={"prompt": "question", "completion": "reply"}), quiet()[0])
     assert outcome.summary["steps"] == 1
+
+
+# ---- the command line -----------------------------------------------------------------------------
+def test_cli_run_writes_its_log_and_ends_with_a_short_summary(tiny_llama, qa_data, tmp_path, capsys):
+    from lora_app.training.cli import main
+
+    base = ["train", "--model", tiny_llama, "--data", qa_data, "--rank", "4", "--max-steps", "2", "--seq-len", "96",
+            "--no-store"]
+    assert main([*base, "--output", str(tmp_path / "words")]) == 0
+    out = capsys.readouterr().out
+    assert "completed: 2 of 2 steps" in out and f"adapter: {tmp_path / 'words' / 'adapter'}" in out
+    assert "step 2/2" in (tmp_path / "words" / "train.log").read_text()
+    assert main([*base, "--output", str(tmp_path / "json"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["status"] == "completed"
+
+
+def test_resume_continues_the_run_as_configured(tiny_llama, qa_data, tmp_path, capsys):
+    from lora_app.training.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", "--model", tiny_llama, "--data", qa_data, "--output", out, "--rank", "4", "--alpha", "8",
+                 "--max-steps", "4", "--save-every", "2", "--seq-len", "96", "--no-store"]) == 0
+    adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    # a setting that would change what the run is: refused, naming each difference; nothing changes
+    assert main(["train", "--output", out, "--resume", "--rank", "8", "--data", qa_data, "--no-store"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "rank was 4 when this run started, not 8" in err
+    # the finished run: said so, and its adapter stays
+    assert main(["train", "--output", out, "--resume", "--no-store"]) == 2
+    assert "already finished its 4 steps" in capsys.readouterr().err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    # more steps: trained on with the run's own settings; the finished adapter is kept under its step
+    assert main(["train", "--output", out, "--resume", "--max-steps", "6", "--no-store"]) == 0
+    config = TrainConfig.from_file(tmp_path / "run" / "config.json")
+    assert (config.rank, config.alpha, config.max_steps, config.resume) == (4, 8, 6, True)
+    assert (tmp_path / "run" / "checkpoints" / "adapter-step4" / "adapter_model.safetensors").read_bytes() == adapter
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
+def test_cli_errors_say_error_and_exit_2_before_any_run(tmp_path, capsys):
+    from lora_app.training.cli import main
+
+    missing = tmp_path / "missing.json"
+    assert main(["train", "--data", str(missing), "--output", str(tmp_path / "run"), "--store",
+                 str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing.json" in err
+    assert not (tmp_path / "run").exists()
+    from lora_app.training.store import RunStore
+    assert RunStore(tmp_path / "store").list() == []

@@ -62,7 +62,7 @@ def test_cli_command_runs_the_same_settings():
     from lora_app.training.cli import build_config, parser
     from lora_app.ui.form import cli_command, config_from_values, form_values, default_config
 
-    config = config_from_values({**form_values(default_config()), "variant": "dora", "packing": True,
+    config = config_from_values({**form_values(default_config()), "variant": "dora", "batching": "packed",
                                  "targets": ["q_proj", "v_proj"]})
     config.data, config.output = "my data.jsonl", "runs/x"
     command = cli_command(config)
@@ -90,8 +90,10 @@ def test_preview_shows_trained_spans_and_histogram(home, tiny_llama, dataset):
     path, status = on_upload(dataset)
     assert Path(path).parent == home / "datasets" and "pirate.jsonl" in status
     assert on_upload(dataset)[0] == path  # the same content is stored once
-    status, html, figure = preview(path, tiny_llama, "auto", "", "auto", False, 128, False, 0.1)
+    status, html, figure = preview(path, tiny_llama, "auto", "", "auto", False, 128, "grouped", 4, 0.1)
     assert "openai" in status and "training rows" in status
+    # the padding each batching would cost, the chosen one in bold
+    assert "Padding at batch size 4: **grouped" in status and "random" in status and "packed" in status
     assert "<mark>" in html and "Arr, answer" in html
     assert sum(figure.data[0].y) > 0
 
@@ -112,12 +114,12 @@ def test_preview_errors_are_plain_words(home, tiny_llama, tmp_path):
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    status, html, figure = preview(str(empty), tiny_llama, "auto", "", "auto", False, 128, False, 0)
+    status, html, figure = preview(str(empty), tiny_llama, "auto", "", "auto", False, 128, "grouped", 4, 0)
     assert status.startswith("**This dataset cannot be used yet.**") and "Traceback" not in status
     assert (html, figure) == ("", None)
     with pytest.raises(gr.Error, match="column mapping"):  # a malformed mapping: a toast, not a stack trace
-        preview(str(empty), tiny_llama, "auto", "prompt", "auto", False, 128, False, 0)
-    status, _, _ = preview(None, tiny_llama, "auto", "", "auto", False, 128, False, 0)
+        preview(str(empty), tiny_llama, "auto", "prompt", "auto", False, 128, "grouped", 4, 0)
+    status, _, _ = preview(None, tiny_llama, "auto", "", "auto", False, 128, "grouped", 4, 0)
     assert "Upload a dataset" in status
 
 

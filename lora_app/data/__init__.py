@@ -36,7 +36,8 @@ Options
   columns by hand. See :mod:`~lora_app.data.formats`.
 * ``template``: ``None``/``"auto"`` (the tokenizer's chat template, else ``alpaca``),
   ``"tokenizer"``, or a name in ``NAMED_TEMPLATES`` (``alpaca``, ``chatml``). Every assistant
-  turn is trained up to and including the tokenizer's EOS token. See :mod:`~lora_app.data.templates`.
+  turn is trained up to and including the tokenizer's EOS token, except those with a loss weight of
+  0 (``weight``/``loss_weight``, see :mod:`~lora_app.data.formats`). See :mod:`~lora_app.data.templates`.
 * ``seq_len``: longer examples are truncated (counted in ``report.truncated``);
   ``train_on_prompt``: train on every token, not only assistant turns; ``packing``: concatenate
   short examples into sequences of up to ``seq_len`` tokens (:mod:`~lora_app.data.packing`).
@@ -58,7 +59,7 @@ DEMO_DATASET = Path(__file__).resolve().parents[2] / "assets" / "demo_captain_by
 __getattr__, __all__ = exports(__name__, {
     "errors": ("DataError",),
     "formats": ("FORMATS", "Sample", "parse_mapping"),
-    "packing": ("collate", "pack_examples"),
+    "packing": ("collate", "pack_examples", "pack_groups"),
     "pipeline": ("DEFAULT_MAX_FILE_BYTES", "DEFAULT_SEQ_LEN", "PreparedData", "prepare_dataset"),
     "preview": ("LengthStats", "Preview", "preview_dataset"),
     "report": ("DataReport",),

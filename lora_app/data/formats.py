@@ -17,11 +17,16 @@ Layouts (``FORMATS``, in detection order), with their fields (optional ones afte
 * ``text``: text -- also found as a ``content`` column
 
 Column names match case-insensitively. The user can name the layout (``format=``) and map fields to
-columns by hand (``mapping={"prompt": "Frage", "completion": "Antwort"}``); a mapping alone is
-enough when its fields belong to one layout. Conversation turns are read whichever key style they
-use (``role``/``content`` or ``from``/``value``) and role vocabulary (human/gpt/function_call/
-observation as ShareGPT writes them, user/assistant/tool/developer as OpenAI does). In a CSV file a
-list field (history, conversations, messages) can be a JSON string.
+columns by hand (``mapping={"prompt": "Frage", "completion": "Antwort"}``, typed as
+``prompt=Frage,completion=Antwort``: :func:`parse_mapping` reads it, :func:`format_mapping` writes
+it); a mapping alone is enough when its fields belong to one layout. Conversation turns are read
+whichever key style they use (``role``/``content`` or ``from``/``value``) and role vocabulary
+(human/gpt/function_call/observation as ShareGPT writes them, user/assistant/tool/developer as OpenAI
+does); a content given as a list of parts keeps the text parts (``{"type": "text", "text": ...}``,
+or ``"value"`` for the text). A turn's loss weight -- ``"weight"`` as OpenAI fine-tuning writes it,
+``"loss_weight"`` as ShareGPT files for LLaMA-Factory do -- is 0 or 1: an assistant turn weighted 0
+stays in the conversation as context but is not trained. In a CSV file a list field (history,
+conversations, messages) can be a JSON string.
 """
 
 import json
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import DataError, RowSkip
+from .jsonstream import MAX_DEPTH, TooDeep, loads
 
 ROLES = {
     "system": "system",
@@ -50,11 +56,18 @@ ROLES = {
 
 @dataclass(frozen=True)
 class Sample:
-    """One usable row: a conversation (``messages``) or, for the text layout, ``text``."""
+    """One usable row: a conversation (``messages``) or, for the text layout, ``text``.
+
+    ``untrained``: indices in ``messages`` of the assistant turns with loss weight 0, rendered as
+    part of the prompt rather than trained (so ``train_on_prompt``, which trains every token, trains
+    them too). ``messages`` themselves hold only ``role`` and ``content``, which is what chat
+    templates expect.
+    """
 
     where: str
     messages: tuple[dict[str, str], ...] = ()
     text: str | None = None
+    untrained: frozenset[int] = frozenset()
 
     @property
     def kind(self) -> str:
@@ -126,9 +139,11 @@ def _list(row: Mapping[str, Any], column: str, *, required: bool) -> list:
         return []
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = loads(value)
         except json.JSONDecodeError:
             raise RowSkip(f"{column!r} is not a list") from None
+        except TooDeep:
+            raise RowSkip(f"{column!r} is nested too deeply (more than {MAX_DEPTH} levels)") from None
     if not isinstance(value, (list, tuple)):
         raise RowSkip(f"{column!r} is not a list")
     return list(value)
@@ -142,35 +157,59 @@ def _with_system(row: Mapping[str, Any], mapping: dict[str, str], messages: list
     return messages
 
 
-def _conversation(where: str, messages: list[dict[str, str]]) -> Sample:
-    """Check a conversation can be trained on; trailing turns after the last answer teach nothing."""
+def _conversation(where: str, messages: list[dict[str, str]], untrained: frozenset[int] = frozenset()) -> Sample:
+    """Check a conversation can be trained on; trailing turns after the last trained answer teach nothing.
+
+    ``untrained``: indices in ``messages`` of the assistant turns with loss weight 0.
+    """
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
         raise RowSkip("no assistant turn")
     if roles[0] == "assistant":
         raise RowSkip("conversation starts with an assistant turn, before any prompt")
-    last_answer = len(roles) - 1 - roles[::-1].index("assistant")
-    return Sample(where=where, messages=tuple(messages[: last_answer + 1]))
+    trained = [i for i, role in enumerate(roles) if role == "assistant" and i not in untrained]
+    if not trained:
+        raise RowSkip("every assistant turn has loss weight 0")
+    end = trained[-1] + 1
+    return Sample(where=where, messages=tuple(messages[:end]), untrained=frozenset(i for i in untrained if i < end))
 
 
 def _turn_content(turn: Mapping[str, Any]) -> str:
     content = turn["content"] if "content" in turn else turn.get("value")
     if content is None and turn.get("tool_calls"):
         return json.dumps(turn["tool_calls"], ensure_ascii=False)
-    if isinstance(content, list):  # OpenAI content parts
-        texts = []
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RowSkip(f"a turn has non-text content ({kind})")
-        return "\n".join(texts)
+    if isinstance(content, list):  # content parts, as OpenAI writes them
+        return "\n".join(_part_text(part) for part in content)
     if not isinstance(content, str):
         raise RowSkip("a turn's content is missing or not text")
     return content
+
+
+def _part_text(part: Any) -> str:
+    """The text of one content part: a string, or ``{"type": "text"}`` with its ``text`` or ``value``."""
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        raise RowSkip(f"a turn has non-text content ({type(part).__name__})")
+    if part.get("type") != "text":
+        raise RowSkip(f"a turn has non-text content ({part.get('type')})")
+    text = part.get("text", part.get("value"))
+    if not isinstance(text, str):
+        raise RowSkip("a turn has a text part without a 'text' or 'value' string")
+    return text
+
+
+def _is_trained(turn: Mapping[str, Any]) -> bool:
+    """A turn's loss weight (OpenAI's ``weight``, LLaMA-Factory's ``loss_weight``): 1 or absent trains it.
+
+    Labels can only train a token or not, so a weight between 0 and 1 cannot be honoured; such a
+    row is skipped rather than trained as if the weight were 1.
+    """
+    key = "weight" if "weight" in turn else "loss_weight"
+    weight = turn.get(key, 1)
+    if not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise RowSkip(f"a turn's {key!r} is not 0 or 1")
+    return weight == 1
 
 
 # --- the layouts -----------------------------------------------------------------------------
@@ -194,7 +233,7 @@ def _alpaca(row: Mapping[str, Any], mapping: dict[str, str], where: str) -> Samp
 
 def _turns(row: Mapping[str, Any], mapping: dict[str, str], where: str) -> Sample:
     column = mapping.get("conversations") or mapping["messages"]
-    messages = []
+    messages, untrained = [], set()
     for turn in _list(row, column, required=True):
         if not isinstance(turn, dict):
             raise RowSkip(f"a turn in {column!r} is not an object")
@@ -204,10 +243,15 @@ def _turns(row: Mapping[str, Any], mapping: dict[str, str], where: str) -> Sampl
             raise RowSkip(f"unknown role {name!r}")
         content = _turn_content(turn)
         if content.strip():
+            # Only answers are trained, so a weight on another turn changes nothing.
+            if role == "assistant" and not _is_trained(turn):
+                untrained.add(len(messages))
             messages.append({"role": role, "content": content})
         elif role != "system":  # an empty system prompt is simply no system prompt
             raise RowSkip("a turn is empty")
-    return _conversation(where, _with_system(row, mapping, messages))
+    with_system = _with_system(row, mapping, messages)
+    shift = len(with_system) - len(messages)  # a system turn put first moves every index
+    return _conversation(where, with_system, frozenset(i + shift for i in untrained))
 
 
 def _prompt_completion(row: Mapping[str, Any], mapping: dict[str, str], where: str) -> Sample:
@@ -278,7 +322,7 @@ def resolve_format(
         raise DataError(
             f"{source} does not fit the {fmt.name} format: no column found for {', '.join(missing)}. "
             f"Its columns are: {_listing(columns)}. Map the fields to columns by hand, e.g. "
-            f"{json.dumps({field: '<column>' for field in missing})}."
+            f"{format_mapping({field: '<column>' for field in missing})}."
         )
     raise DataError(
         f"Could not recognise the layout of {source}. Its columns are: {_listing(columns)}. "
@@ -289,7 +333,8 @@ def resolve_format(
 def parse_mapping(text: str | None) -> dict[str, str] | None:
     """A column mapping typed by a person -> ``{field: column}`` (None when empty).
 
-    ``"prompt=Frage, completion=Antwort"`` (commas or line breaks between pairs) or a JSON object.
+    ``"prompt=Frage,completion=Antwort"`` (commas or line breaks between pairs, spaces around them
+    ignored) or a JSON object; :func:`format_mapping` writes it.
     """
     text = (text or "").strip()
     if not text:
@@ -308,12 +353,24 @@ def parse_mapping(text: str | None) -> dict[str, str] | None:
             continue
         if "=" not in part:
             raise DataError(f"Cannot read {part.strip()!r} in the column mapping: write field=column, "
-                            "e.g. prompt=question, completion=answer.")
+                            f"e.g. {format_mapping({'prompt': 'question', 'completion': 'answer'})}.")
         field, column = (s.strip() for s in part.split("=", 1))
         if not field or not column:
             raise DataError(f"Cannot read {part.strip()!r} in the column mapping: both sides of = are needed.")
         mapping[field] = column
     return mapping
+
+
+def format_mapping(mapping: Mapping[str, str]) -> str:
+    """A mapping as a person types it (``--data-mapping``, the studio's column mapping box).
+
+    ``field=column,field=column``; a JSON object when a column name cannot be written that way
+    (a comma or line break in it, or spaces around it), since :func:`parse_mapping` reads both.
+    """
+    columns = mapping.values()
+    if any("," in c or "\n" in c or c != c.strip() for c in columns):
+        return json.dumps(dict(mapping), ensure_ascii=False)
+    return ",".join(f"{field}={column}" for field, column in mapping.items())
 
 
 def _listing(columns: list[str]) -> str:
@@ -325,10 +382,10 @@ def _layouts_help() -> str:
 
 
 def _suggestions(columns: list[str]) -> str:
-    """Concrete mappings the user could pick for these columns."""
+    """Concrete mappings the user could pick for these columns (each alone picks its layout)."""
     options = []
     if len(columns) >= 2:
-        options.append(f'format "prompt_completion" with {json.dumps({"prompt": columns[0], "completion": columns[1]})}')
+        options.append(f"{format_mapping({'prompt': columns[0], 'completion': columns[1]})} (prompt_completion layout)")
     if columns:
-        options.append(f'format "text" with {json.dumps({"text": columns[0]})}')
-    return f" Possible mappings: {'; '.join(options)}." if options else ""
+        options.append(f"{format_mapping({'text': columns[0]})} (text layout)")
+    return f" Possible column mappings: {'; '.join(options)}." if options else ""

@@ -4,6 +4,12 @@
 nearly always ``[row, row, ...]`` or ``{"data": [row, row, ...], "version": ...}``, so this module
 walks that outer structure itself and hands each row to :func:`json.JSONDecoder.raw_decode`, keeping
 only a window of the file in memory. Errors carry the line and column in the file, like ``json``'s.
+
+Every JSON value read for a dataset (a row here, a JSON Lines line, a list held as JSON text in a CSV
+cell) is decoded with :func:`loads` or :meth:`JsonStream.value`, which refuse values nested more than
+``MAX_DEPTH`` levels: ``json`` recurses once per level, so a file nested a few thousand levels deep
+would otherwise end in a RecursionError, and a value just under Python's limit would crash whatever
+walks it next.
 """
 
 import json
@@ -17,8 +23,52 @@ CHUNK_CHARS = 1 << 20
 # A single row larger than this is treated as malformed rather than read on and on.
 MAX_ROW_CHARS = 64 << 20
 
+# Dataset rows need a handful of levels (row > messages > turn > content parts > tool arguments);
+# this leaves room for deep tool arguments and stays far below Python's recursion limit.
+MAX_DEPTH = 100
+
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+
+
+class TooDeep(ValueError):
+    """A JSON value is nested more than ``MAX_DEPTH`` levels deep."""
+
+
+def too_deep(where: str) -> DataError:
+    """The error for a file (``where``: its name, or its name and a line) holding a value nested too deeply."""
+    return DataError(
+        f"{where} is nested too deeply (more than {MAX_DEPTH} levels of lists and objects) — flatten it: "
+        "a dataset row needs only a few levels."
+    )
+
+
+def loads(text: str) -> Any:
+    """``json.loads``, raising :class:`TooDeep` for a value nested more than ``MAX_DEPTH`` levels."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise TooDeep from None
+    _check_depth(value, text, 0, len(text))
+    return value
+
+
+def _check_depth(value: Any, text: str, start: int, end: int) -> None:
+    """Raise :class:`TooDeep` if ``value``, decoded from ``text[start:end]``, is nested too deeply.
+
+    A value cannot be deeper than its text has opening brackets, so almost every row is passed by
+    two fast counts. Only a row with many brackets is walked, with a stack of its own: recursion is
+    what fails on deep values.
+    """
+    if text.count("[", start, end) + text.count("{", start, end) <= MAX_DEPTH:
+        return
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise TooDeep
+            stack.extend((item, depth + 1) for item in (node.values() if isinstance(node, dict) else node))
 
 
 class JsonStream:
@@ -76,9 +126,15 @@ class JsonStream:
             except json.JSONDecodeError as err:
                 if self.eof or len(self.buf) - self.pos > MAX_ROW_CHARS:
                     raise self.error(err.msg, err.pos) from None
+            except RecursionError:
+                raise too_deep(self.name) from None
             else:
                 # A value ending exactly at the end of the window may be cut ("12" of "123").
                 if end < len(self.buf) or self.eof:
+                    try:
+                        _check_depth(obj, self.buf, self.pos, end)
+                    except TooDeep:
+                        raise too_deep(self.name) from None
                     self.pos = end
                     return obj
             self._fill()

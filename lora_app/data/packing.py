@@ -20,21 +20,31 @@ import torch
 from .encode import IGNORE_INDEX
 
 
+def pack_groups(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Which consecutive examples share a packed sequence: greedily, at most ``seq_len`` tokens each."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, length in enumerate(lengths):
+        if not groups or used + length > seq_len:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += length
+    return groups
+
+
 def pack_examples(examples: list[dict[str, list[int]]], seq_len: int) -> list[dict[str, list[int]]]:
-    """Greedily concatenate consecutive examples into sequences of at most ``seq_len`` tokens.
+    """Concatenate consecutive examples into sequences of at most ``seq_len`` tokens (``pack_groups``).
 
     Examples are never split (they are already truncated to ``seq_len``); order is kept, so
     packing is deterministic. Each result has ``input_ids``, ``labels`` and ``position_ids``.
     """
-    packed: list[dict[str, list[int]]] = []
-    for example in examples:
-        ids = example["input_ids"]
-        if not packed or len(packed[-1]["input_ids"]) + len(ids) > seq_len:
-            packed.append({"input_ids": [], "labels": [], "position_ids": []})
-        current = packed[-1]
-        current["input_ids"] += ids
-        current["labels"] += [IGNORE_INDEX] + example["labels"][1:]
-        current["position_ids"] += range(len(ids))
+    packed = []
+    for group in pack_groups([len(example["input_ids"]) for example in examples], seq_len):
+        members = [examples[i] for i in group]
+        packed.append({"input_ids": [t for e in members for t in e["input_ids"]],
+                       "labels": [t for e in members for t in [IGNORE_INDEX] + e["labels"][1:]],
+                       "position_ids": [p for e in members for p in range(len(e["input_ids"]))]})
     return packed
 
 

@@ -53,6 +53,7 @@ class Preview:
     report: DataReport
     examples: list[list[Span]]
     lengths: LengthStats
+    token_counts: list[int] = field(default_factory=list)  # per training example, before truncation
 
     def summary(self) -> list[tuple[str, str]]:
         """``(label, value)`` lines describing the dataset, in display order."""
@@ -100,6 +101,7 @@ def preview_dataset(source: str | os.PathLike, tokenizer, *, examples: int = 3, 
         report=report,
         examples=[trained_spans(example, tokenizer) for example in data.train[:examples]],
         lengths=LengthStats.of(data.lengths, report.seq_len, bins),
+        token_counts=data.lengths,
     )
 
 

@@ -17,8 +17,9 @@ Formats (picked by file extension; Parquet also by content):
 * ``.jsonl`` / ``.ndjson``: one JSON value per line; a line that is not valid JSON is skipped and
   counted, with its line and column.
 * ``.csv`` / ``.tsv``: a header row, then one row per record. The CSV delimiter (``, ; tab |``) is
-  the one that splits the header and the first records alike; a UTF-8 byte-order mark (as Excel
-  writes) is removed.
+  the one that splits the header and the first records alike; a header that none splits makes a
+  one-column file, whose records are read whole (commas in a text are text). A UTF-8 byte-order
+  mark (as Excel writes) is removed.
 * ``.parquet``: read in batches of rows.
 * ``.txt``: raw text for continued pre-training. ``txt_split="blank_line"`` (default): documents
   are separated by one or more blank lines, so a paragraph or an article is one example;
@@ -40,7 +41,7 @@ from typing import Any, TextIO
 from lora_app.paths import offline
 
 from .errors import DataError, RowSkip
-from .jsonstream import iter_json_rows
+from .jsonstream import TooDeep, iter_json_rows, loads, too_deep
 from .sniff import HEAD_BYTES, check_size, detect_text_encoding, is_parquet, read_head
 
 Record = tuple[str, Any]
@@ -59,6 +60,9 @@ _SAVED_DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SNIFF_LINE_CHARS = 1 << 20
 _CSV_DELIMITERS = ",;\t|"
+# The delimiter for a one-column CSV file: U+FFFF is a Unicode noncharacter, which never occurs in
+# text, so the csv module (which needs some delimiter) reads each record whole, quotes undone.
+_ONE_COLUMN = "\uffff"
 
 # Long answers in CSV cells are normal for this data; the csv module's default cap is 128 KiB.
 csv.field_size_limit(1 << 30)
@@ -116,7 +120,7 @@ def _read_json(fh: TextIO, path: Path, report) -> Iterator[Record]:
     if _is_json_lines(fh, jsonl_suffix=SUFFIXES[path.suffix.lower()] == "jsonl"):
         if path.suffix.lower() == ".json":
             report.note(f"{path.name} holds one JSON object per line; it was read as JSON Lines.")
-        yield from _read_jsonl(fh)
+        yield from _read_jsonl(fh, path.name)
     else:
         yield from _numbered(iter_json_rows(fh, path.name), "row")
 
@@ -131,22 +135,29 @@ def _is_json_lines(fh: TextIO, jsonl_suffix: bool) -> bool:
     first, second = next(lines, ""), next(lines, "")
     fh.seek(0)
     try:
-        first_value = json.loads(first)
-    except json.JSONDecodeError:
+        first_value = loads(first)
+    except (json.JSONDecodeError, TooDeep):  # the reader that follows reports what is wrong
         first_value = None
     if jsonl_suffix:
         return first_value is not None or not first.lstrip().startswith("[")
     return isinstance(first_value, dict) and second.lstrip().startswith("{")
 
 
-def _read_jsonl(fh: TextIO) -> Iterator[Record]:
+def _read_jsonl(fh: TextIO, name: str) -> Iterator[Record]:
+    """Rows, one per line; a line that is not valid JSON is skipped and counted.
+
+    A line nested too deeply is not a bad row but a file that is not a dataset (or one built to
+    crash readers), so it refuses the whole file.
+    """
     for number, line in enumerate(fh, 1):
         if not line.strip():
             continue
         try:
-            yield f"line {number}", json.loads(line)
+            yield f"line {number}", loads(line)
         except json.JSONDecodeError as err:
             yield f"line {number}, column {err.colno}: {err.msg}", RowSkip("invalid JSON")
+        except TooDeep:
+            raise too_deep(f"{name} line {number}") from None
 
 
 def _read_csv(fh: TextIO, name: str, delimiter: str | None) -> Iterator[Record]:
@@ -169,16 +180,17 @@ def _read_csv(fh: TextIO, name: str, delimiter: str | None) -> Iterator[Record]:
 
 
 def _sniff_delimiter(sample: str) -> str:
-    """The delimiter of a CSV sample; ``,`` when none splits the header (a one-column file).
+    """The delimiter of a CSV sample; ``_ONE_COLUMN`` when none splits the header.
 
     Each candidate is tried with the CSV parser itself, so quoted fields holding other delimiters,
     quotes or line breaks are read right (``csv.Sniffer`` guesses from quote patterns and picks ``,``
     for a ``;`` file with ``"a ""quoted"", text"`` in it). The winner splits the header into two
     or more columns and the most records into as many columns as the header; ties go to the one
-    giving more columns.
+    giving more columns. A header that no candidate splits names the only column, so commas or
+    semicolons in the records are part of their text, not delimiters.
     """
     complete_lines = sample[: sample.rfind("\n") + 1] or sample
-    best, best_score = ",", (0, 0)
+    best, best_score = _ONE_COLUMN, (0, 0)
     for delimiter in _CSV_DELIMITERS:
         try:
             records = [r for r in csv.reader(io.StringIO(complete_lines), delimiter=delimiter) if r]

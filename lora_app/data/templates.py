@@ -105,7 +105,8 @@ def bos_text(tokenizer) -> str:
 def render_segments(sample: Sample, tokenizer, template: ChatTemplate) -> list[Segment]:
     """The sample as ``(text, trained)`` segments whose concatenation is the training text.
 
-    A raw text sample (rendered with :func:`text_template`) is one trained segment: text + EOS.
+    A raw text sample (rendered with :func:`text_template`) is one trained segment: text + EOS. An
+    assistant turn in ``sample.untrained`` (loss weight 0) is rendered within the next prompt.
 
     Raises :class:`RowSkip` when the template rejects the conversation or cannot be split by turn.
     """
@@ -116,7 +117,7 @@ def render_segments(sample: Sample, tokenizer, template: ChatTemplate) -> list[S
     messages = list(sample.messages)
     done = ""
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i in sample.untrained:
             continue
         prompt = _render(tokenizer, template, messages[:i], generation_prompt=True)
         full = _render(tokenizer, template, messages[: i + 1], generation_prompt=False)

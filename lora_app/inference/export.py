@@ -11,7 +11,6 @@ hundreds of megabytes of someone's work.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import huggingface_hub
 from lora_app.errors import InferenceError
 from lora_app.lora import export_merged as _export_merged
 from lora_app.lora.io import CONFIG_NAME, WEIGHTS_NAME
-from lora_app.paths import offline
+from lora_app.paths import atomic_file, offline
 
 ZIP_EXTRAS = ("README.md",)  # a model card travels with the adapter when there is one
 
@@ -47,19 +46,14 @@ def zip_adapter(adapter_folder: str | os.PathLike, zip_path: str | os.PathLike, 
     if missing:
         raise InferenceError(f"{adapter_folder} is not a complete adapter: {', '.join(missing)} missing.")
     _refuse_existing(zip_path, overwrite)
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{zip_path.name}.", dir=zip_path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path):
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name in (CONFIG_NAME, WEIGHTS_NAME, *ZIP_EXTRAS):
                 if (adapter_folder / name).is_file():
                     archive.write(adapter_folder / name, arcname=name)
-        os.replace(tmp, zip_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return zip_path
+
+    return atomic_file(zip_path, write)
 
 
 def hub_token(token: str | None = None) -> str | None:

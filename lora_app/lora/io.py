@@ -8,16 +8,16 @@
                                 base_model.vera_A (r, max_in), base_model.vera_B (max_out, r) VeRA
 
 Only safetensors are read (never pickles). Writes go to a temporary folder renamed into place, so a
-crash never leaves a half-written adapter. Variants that peft knows as plain LoRA (LoRA-FA,
-Delta-LoRA) are saved as such; our variant name travels in the safetensors metadata.
+crash never leaves a half-written adapter (``paths.atomic_folder``). Variants that peft knows as plain
+LoRA (LoRA-FA, Delta-LoRA) are saved as such; our variant name travels in the safetensors metadata.
+``base_model_name_or_path`` names the model the adapter was attached to (its ``name_or_path``, which
+``models.load_model`` sets to what peft can load it from), else the one its LoraConfig names.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,29 +33,11 @@ from lora_app.lora.layer import LoraLayer, unwrap
 from lora_app.lora.model import adapter_config, adapter_modules, adapter_names, attach, lora_layers, set_active_adapters
 from lora_app.lora.quant import dequantized_weight, is_conv1d, is_quantized, in_out_features
 from lora_app.lora.targets import find_linear_modules, leaf_names, resolve_targets
+from lora_app.paths import atomic_folder
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-
-def atomic_folder(target: Path, write) -> Path:
-    """Run ``write(tmp_folder)`` and move the result to ``target`` in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, backup)
-            os.rename(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -80,7 +62,7 @@ def _peft_config(model: nn.Module, name: str, config: LoraConfig, paths: list[st
     common = {
         "r": config.rank,
         "target_modules": targets,
-        "base_model_name_or_path": config.base_model_name_or_path,
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or config.base_model_name_or_path,
         "task_type": "CAUSAL_LM",
         "bias": "none",
         "inference_mode": True,

@@ -1,43 +1,65 @@
 """Which examples go into which batch, deterministically under (seed, epoch).
 
-Random batches of chat data waste much of their compute on padding: alpaca rows range from a few
-dozen to several hundred tokens, and a batch is padded to its longest row. Like transformers'
-``group_by_length``, we shuffle, cut the shuffled order into mega-batches of ``50 * batch_size``,
-sort each by length and cut it into batches, then shuffle the batches: rows of similar length
-share a batch, and the order stays random. The plan depends only on (lengths, batch size, seed,
-epoch), which is what lets a resumed run see exactly the batches it would have seen.
+Three ways to batch (the ``batching`` setting):
+
+    grouped   rows of similar length share a batch, so little compute goes to padding. Like
+              transformers' ``group_by_length``, the shuffled rows are cut into mega-batches of
+              ``50 * batch_size``, each sorted by length and cut into batches, and the batches are
+              shuffled. Unlike it, the sort key is each row's length times a random factor drawn
+              anew every epoch (within ±``JITTER``): a small dataset is a single mega-batch, and a
+              plain sort would put the same rows together in every epoch, which measurably hurts
+              the held-out loss (bench/bench_parity.py).
+    random    random batches, as transformers' Trainer draws them.
+    packed    short rows concatenated up to the sequence length at data preparation (see
+              ``lora_app.data.packing``); the packed sequences are batched at random.
+
+The plan depends only on (lengths, batch size, seed, epoch), which is what lets a resumed run see
+exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
 import functools
+import random
 
-import torch
+from lora_app.data.packing import pack_groups
 
 MEGA_BATCH = 50
+JITTER = 0.2
 
 
-def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
+def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, grouped: bool = True,
                  shard: tuple[int, int] = (0, 1)) -> list[list[int]]:
     """Lists of example indices, one per batch, for one epoch.
 
     ``shard = (rank, world)`` gives process ``rank`` its share under data parallelism; every
     process gets the same number of batches (the last few are dropped when they don't divide).
     """
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if group_by_length:
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if grouped:
+        key = {i: lengths[i] * rng.uniform(1 - JITTER, 1 + JITTER) for i in order}
         mega = batch_size * MEGA_BATCH
         order = [i for start in range(0, len(order), mega)
-                 for i in sorted(order[start:start + mega], key=lambda i: -lengths[i])]
+                 for i in sorted(order[start:start + mega], key=lambda i: -key[i])]
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    if grouped:
+        rng.shuffle(batches)
     rank, world = shard
     if world > 1:
         usable = len(batches) // world * world
         batches = batches[rank:usable:world]
     return batches
+
+
+def padding_share(lengths: list[int], batch_size: int, batching: str, seq_len: int, seed: int = 0) -> float:
+    """The share of an epoch's padded tokens that are padding under ``batching`` (lengths after truncation)."""
+    if batching == "packed":
+        lengths = [sum(lengths[i] for i in group) for group in pack_groups(lengths, seq_len)]
+    batches = plan_batches(lengths, batch_size, seed, epoch=0, grouped=batching == "grouped")
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    return 1 - sum(lengths) / padded if padded else 0.0
 
 
 def split_by_tokens(indices: list[int], lengths: list[int], batch_size: int, budget: int) -> list[list[int]]:
@@ -63,17 +85,16 @@ class StepPlan:
     into micro-batches under the token budget. Depends only on the step number, so a resumed run
     sees exactly the batches it would have seen."""
 
-    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, group_by_length: bool,
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, grouped: bool,
                  shard: tuple[int, int], token_budget: int):
         self.lengths, self.batch_size, self.grad_accum, self.seed = lengths, batch_size, grad_accum, seed
-        self.group_by_length, self.shard, self.token_budget = group_by_length, shard, token_budget
+        self.grouped, self.shard, self.token_budget = grouped, shard, token_budget
         self.batches_per_epoch = len(self._epoch(0))
         self.steps_per_epoch = max(1, self.batches_per_epoch // grad_accum)
 
     @functools.lru_cache(maxsize=2)  # a step's micro-batches span at most two epochs
     def _epoch(self, epoch: int) -> list[list[int]]:
-        return plan_batches(self.lengths if self.group_by_length else [0] * len(self.lengths), self.batch_size,
-                            self.seed, epoch, self.group_by_length, self.shard)
+        return plan_batches(self.lengths, self.batch_size, self.seed, epoch, self.grouped, self.shard)
 
     def largest_micro_batch(self) -> int:
         """Padded tokens of the largest micro-batch of the first epoch (what activation memory follows)."""

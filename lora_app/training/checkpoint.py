@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_app.lora import save_adapter
-from lora_app.lora.io import atomic_folder
+from lora_app.paths import atomic_folder
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -22,6 +22,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from lora_app.data import parse_mapping
 from lora_app.errors import DataError, UserError
@@ -43,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file with the same keys as these options (flags given here win)")
     p.add_argument("--store", help="run store folder (default: the app's runs folder)")
     p.add_argument("--no-store", action="store_true", help="do not register the run in the run store")
+    p.add_argument("--json", action="store_true", help="end with the run's summary as JSON instead of in words")
     p.add_argument("--run-id", help=argparse.SUPPRESS)  # a run the studio registered; its settings are in the store
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in fields(TrainConfig):
@@ -80,10 +83,11 @@ def build_config(args: dict) -> TrainConfig:
     values = TrainConfig.from_file(args["config"]).to_dict() if "config" in args else {}
     names = {f.name for f in fields(TrainConfig)}
     values.update({k: v for k, v in args.items() if k in names})
-    return TrainConfig.from_dict(values)
+    return TrainConfig.resumed(values) if values.get("resume") else TrainConfig.from_dict(values)
 
 
 def main(argv=None) -> int:
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: noise between our own lines
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         argv = argv[1:]
@@ -91,14 +95,16 @@ def main(argv=None) -> int:
     store = None if args.get("no_store") or int(os.environ.get("RANK", "0")) != 0 else RunStore(args.get("store"))
     try:
         if "run_id" in args:  # started by the studio's worker, which checked the run before registering it
-            return _run(TrainConfig.from_dict(store.get(args["run_id"]).config), store, args["run_id"])
+            console = Console(None, as_json=False)  # the worker already sends this process's output to train.log
+            return _run(TrainConfig.from_dict(store.get(args["run_id"]).config), store, args["run_id"], console)
         config = build_config(args)
         checked = preflight(config)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    console = Console(Path(config.output) / "train.log", as_json="json" in args)
     if store is None:  # only the main process of a multi-process run keeps the books
-        return _run(config, None, None, checked)
+        return _run(config, None, None, console, checked)
     existing = store.find_by_output(config.output) if config.resume else None
     if existing is not None:
         store.update(existing.id, config=config.to_dict())
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
         run_id = existing.id
     else:
         run_id = store.create_run(config.to_dict(), output=config.output, device=default_device()).id
-    return _run(config, store, run_id, checked)
+    return _run(config, store, run_id, console, checked)
 
 
 def _wait_for_turn(store, run_id: str) -> bool:
@@ -123,28 +129,30 @@ def _wait_for_turn(store, run_id: str) -> bool:
     return True
 
 
-def _run(config: TrainConfig, store, run_id: str | None, checked=None) -> int:
+def _run(config: TrainConfig, store, run_id: str | None, console: Console, checked=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # SIGTERM = graceful cancel: checkpoint, then exit
     if store is not None and not _wait_for_turn(store, run_id):
-        print("cancelled before it started", flush=True)
+        console.say("cancelled before it started")
         return 0
     done = threading.Event()
-    callbacks = _callbacks(config, store, run_id, stop, done)
+    callbacks = _callbacks(config, store, run_id, stop, done, console)
     status, error, summary, code = "failed", None, None, 1
     try:
         outcome = train(config, callbacks, checked)
         status, summary, code = outcome.status, outcome.summary, 0
-        print(f"{status}: {json.dumps(summary, default=str)}", flush=True)
+        console.finish(status, summary, config.output)
     except KeyboardInterrupt:
         error = "Interrupted."
     except Exception as err:
         error = explain(err)
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(err, UserError) else 1  # bad input, found during the work, is still bad input
+        console.error(error)
         if not isinstance(err, UserError):
             traceback.print_exc()
     finally:
         done.set()
+        console.close()
         if store is not None:
             if summary is not None:
                 store.update(run_id, step=summary["steps"])
@@ -152,7 +160,80 @@ def _run(config: TrainConfig, store, run_id: str | None, checked=None) -> int:
     return code
 
 
-def _callbacks(config: TrainConfig, store, run_id, stop: threading.Event, done: threading.Event) -> Callbacks:
+class Console:
+    """What a run tells its user: lines to the console and to the run's ``train.log``; on a terminal,
+    steps show as a progress bar with loss, tokens/s and ETA instead of a line each."""
+
+    def __init__(self, log_path: Path | None, as_json: bool):
+        self.log = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log = open(log_path, "a", buffering=1)
+        self.as_json, self.bar = as_json, None
+
+    def say(self, text: str, console: bool = True) -> None:
+        if console and self.bar is not None:
+            self.bar.write(text)
+        elif console:
+            print(text, flush=True)
+        if self.log:
+            self.log.write(text + "\n")
+
+    def step(self, step: int, total: int, values: dict) -> None:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k in STEP_VALUES)
+        line = f"step {step}/{total} {shown}"
+        if not sys.stdout.isatty():
+            self.say(line)
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(" ".join(f"{k} {values[k]:.4g}" for k in ("loss", "eval_loss") if k in values)
+                                 + (f" {values['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in values else ""))
+        self.say(line, console=False)
+
+    def finish(self, status: str, summary: dict, output: str) -> None:
+        self.close_bar()
+        if self.as_json:
+            print(json.dumps(summary, default=str), flush=True)
+        for line in summary_lines(status, summary, output):
+            self.say(line, console=not self.as_json)
+
+    def error(self, text: str) -> None:
+        self.close_bar()
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        if self.log:
+            self.log.write(f"error: {text}\n")
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        if self.log:
+            self.log.close()
+
+
+STEP_VALUES = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_second")
+
+
+def summary_lines(status: str, s: dict, output: str) -> list[str]:
+    """A finished run in a few lines: where the adapter is, the losses, the time and the memory."""
+    losses = f"final loss {s['final_loss']:.4f}" if s.get("final_loss") is not None else "no loss"
+    if s.get("eval_loss") is not None:
+        losses += f", eval loss {s['eval_loss']:.4f}"
+    lines = [f"{status}: {s['steps']} of {s['total_steps']} steps in {s['wall_seconds']:.0f} s "
+             f"({s['useful_tokens_per_second']:.0f} tokens/s, {s['precision']} on {s['device']}); {losses}",
+             f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB (estimated {s['memory_estimate_bytes'] / 2**30:.2f})"]
+    if status == "completed":
+        lines.append(f"adapter: {Path(output) / 'adapter'}")
+    return lines
+
+
+def _callbacks(config: TrainConfig, store, run_id, stop: threading.Event, done: threading.Event,
+               console: Console) -> Callbacks:
     """Progress to the console, the run folder's metrics.jsonl and the store; cancels from the store."""
     progress = {"step": None, "total": None}
     metrics_file = Path(config.output) / "metrics.jsonl"
@@ -175,11 +256,9 @@ def _callbacks(config: TrainConfig, store, run_id, stop: threading.Event, done: 
             f.write(json.dumps({"step": step, **values}) + "\n")
         if store is not None:
             store.log_metrics(run_id, step, values)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items()
-                         if k in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_second"))
-        print(f"step {step}/{progress['total']} {shown}", flush=True)
+        console.step(step, progress["total"], values)
 
-    return Callbacks(on_start=on_start, on_log=on_log, should_stop=stop.is_set, log=lambda text: print(text, flush=True))
+    return Callbacks(on_start=on_start, on_log=on_log, should_stop=stop.is_set, log=console.say)
 
 
 def explain(err: Exception) -> str:

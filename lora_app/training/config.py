@@ -25,19 +25,21 @@ from lora_app.paths import write_json
 from lora_app.training.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BATCHINGS = ("grouped", "random", "packed")  # see training/batches.py
 GROUPS = ("data", "model", "adapter", "optimization", "evaluation and checkpoints", "run")
 
 
 def setting(default, help: str, group: str, *, label: str | None = None, choices: tuple | None = None,
             above: float | None = None, at_least: float | None = None, below: float | None = None,
-            unset: str | None = None, lora: bool = False, required: bool = False):
+            unset: str | None = None, lora: bool = False, required: bool = False, resumable: bool = False):
     """A TrainConfig field. ``choices``: the allowed values; ``above`` / ``at_least`` / ``below``: the
     bounds a number must keep; ``unset``: what None means, for a setting that may be left unset;
     ``lora``: a field of the same name in the core's ``LoraConfig``, which checks it; ``required``: a
-    run cannot start without it (None is allowed while editing)."""
+    run cannot start without it (None is allowed while editing); ``resumable``: a resumed run may
+    change it (every other setting stays as the run was configured)."""
     assert group in GROUPS, group
     meta = dict(help=help, group=group, label=label, choices=choices, above=above, at_least=at_least, below=below,
-                unset=unset, lora=lora, required=required)
+                unset=unset, lora=lora, required=required, resumable=resumable)
     return field(default=default, metadata=meta)
 
 
@@ -60,7 +62,9 @@ class TrainConfig:
     train_on_prompt: bool = setting(False, "train on the prompts too, not only the assistant's turns", "data")
     seq_len: int = setting(512, "longest example in tokens; longer ones are truncated", "data",
                            label="sequence length", above=0)
-    packing: bool = setting(False, "pack short examples together, up to the sequence length each", "data")
+    batching: str = setting("grouped", "grouped: rows of similar length share a batch (less padding), re-drawn every "
+                            "epoch; random: as transformers' Trainer; packed: short rows concatenated up to the "
+                            "sequence length", "data", choices=BATCHINGS)
     # model
     model: str = setting("default", "'default' (the embedded SmolLM2-135M-Instruct), a Hub id or a local folder",
                          "model")
@@ -82,9 +86,9 @@ class TrainConfig:
     delta_lambda: float = setting(0.5, "delta-lora: how far each step moves the base weights", "adapter", lora=True)
     # optimization
     epochs: float = setting(1.0, "passes over the training data (when max steps is unset)", "optimization",
-                            above=0)
+                            above=0, resumable=True)
     max_steps: int | None = setting(None, "optimizer steps to train; overrides epochs", "optimization",
-                                    label="max steps", above=0, unset="use epochs")
+                                    label="max steps", above=0, unset="use epochs", resumable=True)
     batch_size: int = setting(4, "examples per micro-batch", "optimization", label="batch size", above=0)
     grad_accum: int = setting(1, "micro-batches per optimizer step (effective batch = batch size x this)",
                               "optimization", label="gradient accumulation", above=0)
@@ -103,16 +107,18 @@ class TrainConfig:
     seed: int = setting(42, "random seed: data order, validation split, adapter init, dropout", "optimization")
     # evaluation and checkpoints
     eval_every: int = setting(0, "evaluate every this many steps (0: at the end only, when there is validation "
-                              "data)", "evaluation and checkpoints", label="eval every", at_least=0)
+                              "data)", "evaluation and checkpoints", label="eval every", at_least=0,
+                              resumable=True)
     save_every: int = setting(0, "save a checkpoint every this many steps (0: only the final adapter, and a "
                               "checkpoint when cancelled)", "evaluation and checkpoints", label="save every",
-                              at_least=0)
+                              at_least=0, resumable=True)
     log_every: int = setting(1, "log metrics every this many steps", "evaluation and checkpoints",
-                             label="log every", above=0)
+                             label="log every", above=0, resumable=True)
     # run
     output: str | None = setting(None, "run folder (never overwritten; resume continues one)", "run",
                                  required=True)
-    resume: bool = setting(False, "continue the run in the output folder from its last checkpoint", "run")
+    resume: bool = setting(False, "continue the run in the output folder from its last checkpoint, as it was "
+                                  "configured", "run", resumable=True)
     precision: str = setting("auto", "auto: bf16 where the hardware has it natively, else fp32 (fp16 on older GPUs)",
                              "run", choices=PRECISIONS)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
@@ -157,10 +163,31 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         """From a mapping with the fields' names (``-`` and ``_`` alike); unknown keys are refused."""
         values = {key.replace("-", "_"): value for key, value in values.items()}
+        if "packing" in values:  # the setting that batching replaced, in runs stored before it
+            values["batching"] = "packed" if values.pop("packing") else values.get("batching", "grouped")
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise TrainConfigError({"config": f"unknown setting(s) in the config: {', '.join(unknown)}"})
         return cls(**values)
+
+    @classmethod
+    def resumed(cls, given: dict) -> TrainConfig:
+        """The run in ``given["output"]`` as it was configured (its config.json), with the resumable
+        settings that ``given`` changes; any other difference is refused, each one named."""
+        stored_file = Path(given.get("output") or "") / "config.json"
+        if not given.get("output") or not stored_file.is_file():
+            return cls.from_dict(given)  # preflight says that there is nothing to resume
+        stored = cls.from_file(stored_file)
+        wanted = cls.from_dict({**stored.to_dict(), **given})
+        may_change = ", ".join(label(f) for f in fields(cls) if f.metadata["resumable"] and f.name != "resume")
+        differences = {f.name: f"{label(f)} was {getattr(stored, f.name)!r} when this run started, not "
+                               f"{getattr(wanted, f.name)!r}" for f in fields(cls)
+                       if not f.metadata["resumable"] and getattr(wanted, f.name) != getattr(stored, f.name)}
+        if differences:
+            differences["resume"] = (f"a resumed run keeps its settings (only {may_change} may change); "
+                                     "to change the others, start a new run with another --output")
+            raise TrainConfigError(differences)
+        return wanted
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

@@ -16,6 +16,7 @@ positions onto the vocabulary (see ``loss.py``).
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -32,7 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PretrainedConfig
 
 from lora_app.data import collate, prepare_dataset
-from lora_app.errors import ModelLoadError, TrainConfigError, TrainingError
+from lora_app.errors import DataError, ModelLoadError, TrainConfigError, TrainingError
 from lora_app.hardware import choose_precision
 from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
@@ -89,9 +90,27 @@ def preflight(config: TrainConfig) -> Checked:
                               or getattr(model_config, "n_positions", None))
     if limit and "seq_len" not in problems and config.seq_len > limit:
         problems["seq_len"] = f"sequence length {config.seq_len} is beyond the model's maximum of {limit} positions"
+    if model_config is not None and not problems.keys() & DATA_SETTINGS:
+        try:
+            _check_data(config)
+        except (DataError, ModelLoadError) as err:
+            problems["data"] = str(err)
     if problems:
         raise TrainConfigError(problems)
     return Checked(check_output(config), model_config)
+
+
+DATA_SETTINGS = {"data", "val_data", "val_fraction", "data_format", "data_mapping", "template", "seq_len"}
+DATA_CHECK_ROWS = 64  # enough to recognise the layout and the mapping, read in well under a second
+
+
+def _check_data(config: TrainConfig) -> None:
+    """Read and tokenize the first rows as the run will: a wrong file, layout or mapping is found
+    before any weights load (the run reads them all, and reports rows it had to skip)."""
+    c = config
+    prepare_dataset(c.data, load_tokenizer(c.model, c.trust_remote_code), format=c.data_format, mapping=c.data_mapping,
+                    template=c.template, seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
+                    val_fraction=c.val_fraction, val_data=c.val_data, seed=c.seed, limit=DATA_CHECK_ROWS)
 
 
 def check_output(config: TrainConfig) -> Path:
@@ -101,12 +120,32 @@ def check_output(config: TrainConfig) -> Path:
         raise TrainingError(f"The output path {output} is a file; choose a folder.")
     existing = {p.name for p in output.iterdir()} - RUN_FILES if output.is_dir() else set()
     if config.resume:
+        finished = _finished_steps(output)
+        if finished is not None and _same_length(config, output):
+            raise TrainingError(f"The run in {output} already finished its {finished} steps, so there is nothing to "
+                                "resume; its adapter stays as it is. To train it further, resume with a larger "
+                                "--max-steps or --epochs.")
         if latest_checkpoint(output) is None:
             raise TrainingError(f"Nothing to resume in {output}: it holds no checkpoint.")
     elif existing:
         raise TrainingError(f"The output folder {output} already holds a run ({', '.join(sorted(existing)[:4])}); "
                             "choose a new folder, or pass --resume to continue it.")
     return output
+
+
+def _finished_steps(output: Path) -> int | None:
+    """The steps of the completed run in ``output``, or None when it has not completed."""
+    try:
+        summary = json.loads((output / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("steps") if summary.get("status") == "completed" else None
+
+
+def _same_length(config: TrainConfig, output: Path) -> bool:
+    """Whether ``config`` asks for no more training than the run in ``output`` was configured for."""
+    stored = TrainConfig.from_file(output / "config.json")
+    return (config.max_steps, config.epochs) == (stored.max_steps, stored.epochs)
 
 
 # ---- the model with its loss --------------------------------------------------------------------
@@ -188,7 +227,8 @@ class Recipe:
         self.tokenizer = load_tokenizer(c.model, c.trust_remote_code)
         self.data = prepare_dataset(c.data, self.tokenizer, format=c.data_format, mapping=c.data_mapping,
                                     template=c.template, seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
-                                    packing=c.packing, val_fraction=c.val_fraction, val_data=c.val_data, seed=c.seed)
+                                    packing=c.batching == "packed", val_fraction=c.val_fraction, val_data=c.val_data,
+                                    seed=c.seed)
         r = self.data.report
         self.cb.log(f"data: {r.train_rows} training rows, {r.val_rows} validation rows "
                     f"({r.format}, template {r.template}, {r.truncated} truncated)")
@@ -220,7 +260,7 @@ class Recipe:
         c = self.config
         shard = (self.accelerator.process_index, self.accelerator.num_processes)
         self.plan = StepPlan([len(example["input_ids"]) for example in self.data.train], c.batch_size, c.grad_accum,
-                             c.seed, group_by_length=not c.packing, shard=shard,
+                             c.seed, grouped=c.batching == "grouped", shard=shard,
                              token_budget=token_budget(c, self.device.type))
         if self.plan.batches_per_epoch == 0:
             raise TrainingError("There are fewer training examples than processes; nothing to train on.")
@@ -252,6 +292,12 @@ class Recipe:
     def _start(self) -> None:
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
+            finished = self.output / "adapter"
+            if finished.exists():  # a finished run trained further: its adapter is kept, under its step
+                kept = self.output / "checkpoints" / f"adapter-step{_finished_steps(self.output) or self.step}"
+                kept.parent.mkdir(exist_ok=True)
+                finished.rename(kept)
+                self.cb.log(f"the adapter of the finished run is kept in {kept}")
             self.config.write(self.output / "config.json")
         self.cb.on_start(dict(total_steps=self.total_steps, trainable_params=self.trainable, total_params=self.total,
                               estimate=self.estimate, start_step=self.step, train_rows=self.data.report.train_rows,
@@ -309,7 +355,8 @@ class Recipe:
             self.cb.on_log(step, values)
             self.window_tokens, self.window_start = 0, now
         cancel = stop and not last
-        if cancel or (c.save_every and step % c.save_every == 0 and not last):
+        # with checkpoints asked for, the last step has one too: a finished run can be trained further
+        if cancel or (c.save_every and (step % c.save_every == 0 or last)):
             self._checkpoint(wall)
         if cancel:
             self.cb.log(f"cancelled: checkpoint saved at step {step}; resume to continue")

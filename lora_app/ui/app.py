@@ -57,7 +57,7 @@ def wire(demo: gr.Blocks, ui) -> None:
 
     # -- data --
     preview_inputs = [ui.data_path, f["model"], f["data_format"], ui.mapping, f["template"], f["train_on_prompt"],
-                      f["seq_len"], f["packing"], f["val_fraction"]]
+                      f["seq_len"], f["batching"], f["batch_size"], f["val_fraction"]]
     preview_outputs = [ui.preview_status, ui.preview_html, ui.length_plot]
     preview = dict(fn=data_tab.preview, inputs=preview_inputs, outputs=preview_outputs, trigger_mode="always_last")
     ui.data_file.upload(friendly(data_tab.on_upload), ui.data_file, [ui.data_path, ui.data_status]).then(**preview)
@@ -66,7 +66,8 @@ def wire(demo: gr.Blocks, ui) -> None:
     ui.demo_button.click(friendly(data_tab.use_demo), None, [ui.data_path, ui.data_status]).then(**preview)
     demo.load(friendly(data_tab.restore), ui.data_path, [ui.data_path, ui.data_status]).then(**preview)
     gr.on([f["data_format"].input, f["template"].input, f["train_on_prompt"].input, ui.mapping.submit, ui.mapping.blur,
-           f["seq_len"].blur, f["packing"].input, f["val_fraction"].blur, f["model"].change], **preview)
+           f["seq_len"].blur, f["batching"].input, f["batch_size"].blur, f["val_fraction"].blur, f["model"].change],
+         **preview)
 
     # -- model & LoRA --
     f["model"].change(model_tab.inspect_model, f["model"], [f["targets"], ui.model_about])

@@ -17,6 +17,8 @@ import plotly.graph_objects as go
 
 from lora_app.data import DEMO_DATASET, DataError, preview_dataset
 from lora_app.paths import app_home
+from lora_app.training.batches import padding_share
+from lora_app.training.config import BATCHINGS
 from lora_app.ui.common import friendly, tokenizer_for
 from lora_app.ui.form import SETTINGS, config_from_values, default_config, form_values, widget
 
@@ -70,18 +72,19 @@ def length_histogram(lengths, seq_len: int):
 
 
 @friendly
-def preview(data_path, model, data_format, mapping_text, template, train_on_prompt, seq_len, packing,
+def preview(data_path, model, data_format, mapping_text, template, train_on_prompt, seq_len, batching, batch_size,
             val_fraction):
     """(status markdown, preview html, histogram) for the current file and settings."""
     if not data_path:
         return "Upload a dataset or use the demo dataset to see a preview.", "", None
     values = dict(model=model, data_format=data_format, data_mapping=mapping_text, template=template,
-                  train_on_prompt=train_on_prompt, seq_len=seq_len, packing=packing, val_fraction=val_fraction)
+                  train_on_prompt=train_on_prompt, seq_len=seq_len, batching=batching, batch_size=batch_size,
+                  val_fraction=val_fraction)
     c = config_from_values({k: v for k, v in values.items() if v is not None})
     try:
         result = preview_dataset(data_path, tokenizer_for(c.model), format=c.data_format, mapping=c.data_mapping,
                                  template=c.template, train_on_prompt=bool(c.train_on_prompt), seq_len=int(c.seq_len),
-                                 packing=bool(c.packing), val_fraction=float(c.val_fraction))
+                                 packing=c.batching == "packed", val_fraction=float(c.val_fraction))
     except DataError as err:
         # the message names the stored copy (hash-prefixed); show the name the user uploaded
         message = str(err).replace(Path(data_path).name, dataset_label(data_path))
@@ -89,8 +92,19 @@ def preview(data_path, model, data_format, mapping_text, template, train_on_prom
     r = result.report
     status = (f"**{r.format}** format · {r.train_rows} training rows · {r.val_rows} validation rows"
               + (f" · {r.rows_skipped} skipped" if r.rows_skipped else "")
-              + (f" · {r.truncated} truncated" if r.truncated else ""))
+              + (f" · {r.truncated} truncated" if r.truncated else "")
+              + "\n\n" + padding_line(result.token_counts, c))
     return status, result.to_html(), length_histogram(result.lengths, r.seq_len)
+
+
+def padding_line(lengths: list[int], config) -> str:
+    """The share of compute each batching would spend on padding, the chosen one in bold."""
+    lengths = [min(n, config.seq_len) for n in lengths]
+    shares = [(name, padding_share(lengths, config.batch_size, name, config.seq_len, config.seed))
+              for name in BATCHINGS]
+    return (f"Padding at batch size {config.batch_size}: "
+            + " · ".join(f"**{name} {share:.0%}**" if name == config.batching else f"{name} {share:.0%}"
+                         for name, share in shares))
 
 
 def use_demo() -> tuple[str, str]:

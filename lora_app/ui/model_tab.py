@@ -189,7 +189,7 @@ def build(ui) -> None:
                         add(name)
             with gr.Accordion("More", open=False):
                 for row in (("save_every", "log_every", "seed"), ("precision", "weight_decay", "max_grad_norm"),
-                            ("packing", "gradient_checkpointing", "double_quant"), ("delta_lambda",)):
+                            ("batching", "gradient_checkpointing", "double_quant"), ("delta_lambda",)):
                     with gr.Row():
                         for name in row:
                             add(name)
