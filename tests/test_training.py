@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import save_tiny, tiny_model
-from lora_app.training.batches import plan_batches
+from lora_app.training.batches import padding_share, plan_batches
 from lora_app.errors import TrainConfigError, TrainingError
 from lora_app.training.config import TrainConfig
 from lora_app.training.loss import linear_cross_entropy, reference_cross_entropy
@@ -219,12 +219,19 @@ def test_batches_cover_every_example_once_and_are_deterministic():
     assert sorted(i for batch in plan for i in batch) == list(range(230))
     assert plan == plan_batches(lengths, 8, seed=1, epoch=0)
     assert plan != plan_batches(lengths, 8, seed=1, epoch=1)
-    padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in plan)
-    random_plan = plan_batches(lengths, 8, seed=1, epoch=0, grouped=False)
-    random_padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in random_plan)
-    assert padding < random_padding / 4
+    assert padding_share(lengths, 8, "grouped", 512, seed=1) < padding_share(lengths, 8, "random", 512, seed=1) / 3
     shards = [plan_batches(lengths, 8, 1, 0, shard=(rank, 3)) for rank in range(3)]
     assert len({len(s) for s in shards}) == 1
+
+
+def test_grouped_batches_of_a_small_dataset_are_redrawn_every_epoch():
+    # a few dozen short rows: one mega-batch. A plain sort would give the same batches every epoch.
+    lengths = [40 + (i * 7) % 30 for i in range(36)]
+    epochs = [{frozenset(batch) for batch in plan_batches(lengths, 4, seed=0, epoch=e)} for e in range(3)]
+    assert len(epochs[0] & epochs[1]) <= 2 and len(epochs[1] & epochs[2]) <= 2
+    # ... and rows of similar length still share a batch
+    assert padding_share(lengths, 4, "grouped", 256) < padding_share(lengths, 4, "random", 256) * 0.7
+    assert padding_share(lengths, 4, "packed", 256) < padding_share(lengths, 4, "random", 256)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -426,3 +433,9 @@ def test_cli_errors_say_error_and_exit_2_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     from lora_app.training.store import RunStore
     assert RunStore(tmp_path / "store").list() == []
+
+
+def test_batching_is_a_setting_and_old_runs_with_packing_still_load():
+    assert "batching" in TrainConfig(data="d", output="o", batching="sorted").problems()
+    assert TrainConfig.from_dict({"data": "d", "output": "o", "packing": True}).batching == "packed"
+    assert TrainConfig.from_dict({"data": "d", "output": "o", "packing": False}).batching == "grouped"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
     if argv and argv[0] == "train":
         argv = argv[1:]
     args = vars(parser().parse_args(argv))
-    store = None if args.get("no_store") or int(os.environ.get("RANK", "0")) != 0 else RunStore(args.get("store"))
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one process keeps the books
+    store = RunStore(args.get("store")) if main_process and not args.get("no_store") else None
     try:
         if "run_id" in args:  # started by the studio's worker, which checked the run before registering it
             console = Console(None, as_json=False)  # the worker already sends this process's output to train.log
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    console = Console(Path(config.output) / "train.log", as_json="json" in args)
+    console = Console(Path(config.output) / "train.log" if main_process else None, as_json="json" in args)
     if store is None:  # only the main process of a multi-process run keeps the books
         return _run(config, None, None, console, checked)
     existing = store.find_by_output(config.output) if config.resume else None
@@ -186,7 +188,8 @@ class Console:
             self.say(line)
             return
         if self.bar is None:
-            self.bar = tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
+            # a terminal that reports no width (some consoles) still gets a bar of the default width
+            self.bar = tqdm(total=total, initial=step - 1, unit="step", ncols=shutil.get_terminal_size().columns)
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix_str(" ".join(f"{k} {values[k]:.4g}" for k in ("loss", "eval_loss") if k in values)
                                  + (f" {values['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in values else ""))
