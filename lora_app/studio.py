@@ -12,7 +12,8 @@ import os
 import sys
 import threading
 
-from lora_app.models import DEFAULT_MODEL, default_model_path
+from lora_app.model_source import DEFAULT_MODEL
+from lora_app.models import default_model_path
 from lora_app.ui import build_app, launch
 from lora_app.ui.adapters import base_for
 from lora_app.ui.form import start_model

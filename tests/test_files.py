@@ -14,7 +14,8 @@ from conftest import save_tiny, tiny_model, tiny_tokenizer
 from lora_app.inference.export import zip_adapter
 from lora_app.lora import LoraConfig, add_adapter, export_merged, load_adapter, save_adapter
 from lora_app.lora.io import CONFIG_NAME
-from lora_app.models import DEFAULT_MODEL, base_model_id, load_model
+from lora_app.model_source import DEFAULT_MODEL, base_model_id
+from lora_app.models import load_model
 from lora_app.paths import atomic_file, atomic_folder, write_json
 
 

@@ -113,7 +113,7 @@ def test_preflight_reports_settings_and_model_limits_together(tiny_llama, tmp_pa
 
     with pytest.raises(TrainConfigError) as err:
         preflight(TrainConfig(model=tiny_llama, data="d.json", output=str(tmp_path / "run"), lr=-1, seq_len=4096))
-    assert set(err.value.problems) == {"lr", "seq_len"}
+    assert set(err.value.problems) == {"lr", "seq_len", "data"}  # d.json does not exist
     assert "maximum of 128" in str(err.value) and "learning rate" in str(err.value)
 
 
@@ -339,7 +339,7 @@ def test_bad_data_is_found_before_the_model_loads(tiny_llama, tmp_path, monkeypa
 
 
 def test_out_of_memory_gives_advice():
-    from lora_app.training.cli import explain
+    from lora_app.training.run import explain
 
     message = explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert "smaller batch" in message and "4-bit" in message and "gradient-checkpointing" in message
@@ -422,16 +422,32 @@ def test_resume_continues_the_run_as_configured(tiny_llama, qa_data, tmp_path, c
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
 
-def test_cli_errors_say_error_and_exit_2_before_any_run(tmp_path, capsys):
-    from lora_app.training.cli import main
+def test_cli_answers_mistakes_before_loading_torch_and_creates_no_run(qa_data, tmp_path):
+    """A mistake that needs no model is found without importing torch (so the answer comes in a
+    fraction of a second), is printed as `error: ...`, exits 2 and leaves nothing in the store."""
+    import os
+    import subprocess
+    import sys
 
-    missing = tmp_path / "missing.json"
-    assert main(["train", "--data", str(missing), "--output", str(tmp_path / "run"), "--store",
-                 str(tmp_path / "store")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "missing.json" in err
-    assert not (tmp_path / "run").exists()
     from lora_app.training.store import RunStore
+
+    taken = tmp_path / "taken"
+    (taken / "adapter").mkdir(parents=True)
+    code = ("import sys; from lora_app.training.cli import main; code = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
+    store = ["--store", str(tmp_path / "store")]
+    mistakes = {"missing.json": ["--data", str(tmp_path / "missing.json")],
+                "no-model": ["--data", qa_data, "--model", str(tmp_path / "no-model")],
+                "not in the Hugging Face cache": ["--data", qa_data, "--model", "someone/not-downloaded"],
+                "'nope'": ["--data", qa_data, "--data-format", "alpaca", "--data-mapping", "instruction=nope"],
+                "already holds a run": ["--data", qa_data, "--output", str(taken)]}
+    for expected, flags in mistakes.items():
+        flags = flags if "--output" in flags else [*flags, "--output", str(tmp_path / "run")]
+        out = subprocess.run([sys.executable, "-c", code, "train", *flags, *store], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith("error:") and expected in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
     assert RunStore(tmp_path / "store").list() == []
 
 

@@ -10,6 +10,11 @@ max_file_bytes=DEFAULT_MAX_FILE_BYTES, txt_split="blank_line", limit=None) -> Pr
     (lists of ``{"input_ids", "labels"}``, plus ``position_ids`` when packed; unpadded),
     ``report`` (:class:`DataReport`) and ``lengths`` (token counts before truncation).
 
+``load_split(source, report=None, *, format=None, mapping=None, val_fraction=0.0, val_data=None,
+seed=0, max_file_bytes=..., txt_split="blank_line", limit=None) -> (Format, train, val)``
+    The first steps of ``prepare_dataset`` alone: read, map and split into ``Sample`` lists, with no
+    tokenizer (and no torch), so a wrong file, layout or mapping is found at once.
+
 ``preview_dataset(source, tokenizer, *, examples=3, bins=20, **prepare_options) -> Preview``
     The same pipeline, described for the UI: ``preview.report`` (format, columns, mapping,
     template, row counts, skipped rows by reason, notes), ``preview.examples`` (``(text,
@@ -59,8 +64,9 @@ DEMO_DATASET = Path(__file__).resolve().parents[2] / "assets" / "demo_captain_by
 __getattr__, __all__ = exports(__name__, {
     "errors": ("DataError",),
     "formats": ("FORMATS", "Sample", "parse_mapping"),
-    "packing": ("collate", "pack_examples", "pack_groups"),
-    "pipeline": ("DEFAULT_MAX_FILE_BYTES", "DEFAULT_SEQ_LEN", "PreparedData", "prepare_dataset"),
+    "tensors": ("collate",),
+    "packing": ("pack_examples", "pack_groups"),
+    "pipeline": ("DEFAULT_MAX_FILE_BYTES", "DEFAULT_SEQ_LEN", "PreparedData", "load_split", "prepare_dataset"),
     "preview": ("LengthStats", "Preview", "preview_dataset"),
     "report": ("DataReport",),
     "templates": ("NAMED_TEMPLATES",),

@@ -1,4 +1,4 @@
-"""Packing short examples into long sequences, batching, and keeping packed examples apart.
+"""Packing short examples into long sequences, and keeping packed examples apart.
 
 **What packing does.** :func:`pack_examples` concatenates consecutive examples (in order) into
 sequences of at most ``seq_len`` tokens, so a batch holds few padding tokens. Each packed
@@ -10,12 +10,10 @@ transformers 5 this happens inside the model: when a forward call gets ``positio
 ``attention_mask`` and no cache (``use_cache=False``), the model derives the example boundaries from
 the restarts in ``position_ids`` and builds a block-diagonal causal mask -- for the eager, SDPA,
 flash and flex attention paths alike (``transformers.masking_utils.find_packed_sequence_indices``).
-Passing an ``attention_mask`` switches that off, which is why :func:`collate` returns none for
-packed batches. A model that ignores ``position_ids`` would let packed examples attend to each
-other: only positions would be right.
+Passing an ``attention_mask`` switches that off, which is why ``collate`` (:mod:`~lora_app.data.tensors`)
+returns none for packed batches. A model that ignores ``position_ids`` would let packed examples
+attend to each other: only positions would be right.
 """
-
-import torch
 
 from .encode import IGNORE_INDEX
 
@@ -46,26 +44,3 @@ def pack_examples(examples: list[dict[str, list[int]]], seq_len: int) -> list[di
                        "labels": [t for e in members for t in [IGNORE_INDEX] + e["labels"][1:]],
                        "position_ids": [p for e in members for p in range(len(e["input_ids"]))]})
     return packed
-
-
-def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch on the right to its longest sequence; labels are -100 on padding.
-
-    Unpacked examples get an ``attention_mask`` (1 on tokens, 0 on padding). Packed examples get
-    ``position_ids`` instead and no attention mask (see the module docstring); their padding is
-    numbered as one more example (0, 1, 2, ...) so it stays in a block of its own.
-    """
-    width = max(len(example["input_ids"]) for example in examples)
-    packed = "position_ids" in examples[0]
-    batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids" if packed else "attention_mask": []}
-    for example in examples:
-        n = len(example["input_ids"])
-        pad = width - n
-        batch["input_ids"].append(example["input_ids"] + [pad_token_id] * pad)
-        batch["labels"].append(example["labels"] + [IGNORE_INDEX] * pad)
-        if packed:
-            batch["position_ids"].append(example["position_ids"] + list(range(pad)))
-        else:
-            batch["attention_mask"].append([1] * n + [0] * pad)
-    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
-

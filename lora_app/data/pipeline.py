@@ -32,7 +32,7 @@ class PreparedData:
     """What training needs: the examples and the report.
 
     ``train`` and ``val`` are lists of ``{"input_ids", "labels"}`` (plus ``position_ids`` when
-    packed) with no padding; batch them with :func:`~lora_app.data.packing.collate`.
+    packed) with no padding; batch them with :func:`~lora_app.data.tensors.collate`.
     ``lengths`` are the token counts of the training examples before truncation and packing.
     """
 
@@ -66,23 +66,10 @@ def prepare_dataset(
     """
     if seq_len < 2:
         raise DataError(f"The maximum length must be at least 2 tokens, not {seq_len}.")
-    if val_data is not None and val_fraction:
-        raise DataError("Use either a validation fraction or a validation file, not both.")
     report = DataReport(source=_display_name(source), seq_len=seq_len)
-    fmt, samples = load_samples(
-        source, report, format=format, mapping=mapping, max_file_bytes=max_file_bytes, txt_split=txt_split, limit=limit
-    )
-    if val_data is None:
-        train_samples, val_samples = split_rows(samples, val_fraction, seed)
-        if val_fraction and not val_samples:
-            report.note("There are too few rows for a validation split, so there is none.")
-    else:
-        val_report = DataReport(source=_display_name(val_data))
-        _, val_samples = load_samples(
-            val_data, val_report, format=fmt.name, mapping=mapping, max_file_bytes=max_file_bytes, txt_split=txt_split
-        )
-        report.merge(val_report, "validation file")
-        train_samples = samples
+    fmt, train_samples, val_samples = load_split(
+        source, report, format=format, mapping=mapping, val_fraction=val_fraction, val_data=val_data, seed=seed,
+        max_file_bytes=max_file_bytes, txt_split=txt_split, limit=limit)
 
     if fmt.name == "text":
         chat_template = text_template(tokenizer)
@@ -101,6 +88,39 @@ def prepare_dataset(
         train, val = pack_examples(train, seq_len), pack_examples(val, seq_len)
         report.packed_sequences = len(train)
     return PreparedData(train=train, val=val, report=report, lengths=lengths)
+
+
+def load_split(
+    source: str | os.PathLike,
+    report: DataReport | None = None,
+    *,
+    format: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+    val_fraction: float = 0.0,
+    val_data: str | os.PathLike | None = None,
+    seed: int = 0,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    txt_split: str = "blank_line",
+    limit: int | None = None,
+) -> tuple[Format, list[Sample], list[Sample]]:
+    """The training and validation samples (``val_fraction`` of the rows under ``seed``, or
+    ``val_data``'s), before any tokenizer: reading and mapping mistakes show here. Fills ``report``."""
+    report = DataReport(source=_display_name(source)) if report is None else report
+    if val_data is not None and val_fraction:
+        raise DataError("Use either a validation fraction or a validation file, not both.")
+    fmt, samples = load_samples(
+        source, report, format=format, mapping=mapping, max_file_bytes=max_file_bytes, txt_split=txt_split, limit=limit
+    )
+    if val_data is None:
+        train_samples, val_samples = split_rows(samples, val_fraction, seed)
+        if val_fraction and not val_samples:
+            report.note("There are too few rows for a validation split, so there is none.")
+        return fmt, train_samples, val_samples
+    val_report = DataReport(source=_display_name(val_data))
+    _, val_samples = load_samples(val_data, val_report, format=fmt.name, mapping=mapping,
+                                  max_file_bytes=max_file_bytes, txt_split=txt_split, limit=limit)
+    report.merge(val_report, "validation file")
+    return fmt, samples, val_samples
 
 
 def load_samples(

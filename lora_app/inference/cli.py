@@ -28,7 +28,7 @@ from lora_app.inference.settings import GenerationSettings
 from lora_app.inference.sources import resolve_source
 from lora_app.lora import read_adapter
 from lora_app.lora.config import QUANTIZATIONS
-from lora_app.models import DEFAULT_MODEL
+from lora_app.model_source import DEFAULT_MODEL
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}

@@ -25,7 +25,8 @@ import torch
 from lora_app.inference.base import BaseKey, LoadedBase
 from lora_app.inference.devices import choose_device
 from lora_app.errors import InferenceError
-from lora_app.models import DEFAULT_MODEL, load_model
+from lora_app.model_source import DEFAULT_MODEL
+from lora_app.models import load_model
 from lora_app.paths import app_home
 
 DEFAULT_ADAPTER_BUDGET = 2**30  # 1 GiB of adapter parameters: dozens of typical rank-8..64 adapters

@@ -77,8 +77,3 @@ def load_checkpoint(folder: Path, optimizer, scheduler) -> dict:
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return state
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = [p for p in Path(run_dir).glob("checkpoints/checkpoint-*") if (p / "state.json").exists()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[1]), default=None)

@@ -16,7 +16,6 @@ positions onto the vocabulary (see ``loss.py``).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -40,14 +39,15 @@ from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_
 from lora_app.models import default_device, load_config, load_model, load_tokenizer
 from lora_app.paths import write_json
 from lora_app.training.batches import StepPlan
-from lora_app.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lora_app.training.checkpoint import load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
 from lora_app.training.schedule import multiplier
 from lora_app.training.memory import estimate_memory, memory_now, token_budget
+from lora_app.training.preflight import (DATA_CHECK_ROWS, DATA_SETTINGS, check_output, finished_steps,
+                                         latest_checkpoint, quick_problems)
 
 ADAPTER = "default"
-RUN_FILES = {"train.log", "config.json"}  # what a run folder holds before its training has produced anything
 
 
 @dataclass
@@ -76,16 +76,18 @@ class Checked:
 
 
 def preflight(config: TrainConfig) -> Checked:
-    """Every check that needs no weights: the settings, the model's config and limits, the output
-    folder. Raises a ``UserError`` subclass; settings problems come all at once."""
-    problems = config.problems()
+    """Every check that needs no weights: ``quick_problems``, then the model's config and limits and
+    the data's first rows through its tokenizer, then the output folder. Raises a ``UserError``
+    subclass; settings problems come all at once."""
+    problems = quick_problems(config)
     model_config = None
-    try:
-        model_config = load_config(config.model, config.trust_remote_code)
-    except ModelLoadError as err:
-        if not problems:
-            raise
-        problems["model"] = str(err)
+    if "model" not in problems:
+        try:
+            model_config = load_config(config.model, config.trust_remote_code)
+        except ModelLoadError as err:
+            if not problems:
+                raise
+            problems["model"] = str(err)
     limit = model_config and (getattr(model_config, "max_position_embeddings", None)
                               or getattr(model_config, "n_positions", None))
     if limit and "seq_len" not in problems and config.seq_len > limit:
@@ -100,52 +102,13 @@ def preflight(config: TrainConfig) -> Checked:
     return Checked(check_output(config), model_config)
 
 
-DATA_SETTINGS = {"data", "val_data", "val_fraction", "data_format", "data_mapping", "template", "seq_len"}
-DATA_CHECK_ROWS = 64  # enough to recognise the layout and the mapping, read in well under a second
-
-
 def _check_data(config: TrainConfig) -> None:
-    """Read and tokenize the first rows as the run will: a wrong file, layout or mapping is found
-    before any weights load (the run reads them all, and reports rows it had to skip)."""
+    """Tokenize the first rows as the run will: a row too long, a template that does not fit, ... are
+    found before any weights load (the run reads them all, and reports rows it had to skip)."""
     c = config
     prepare_dataset(c.data, load_tokenizer(c.model, c.trust_remote_code), format=c.data_format, mapping=c.data_mapping,
                     template=c.template, seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
                     val_fraction=c.val_fraction, val_data=c.val_data, seed=c.seed, limit=DATA_CHECK_ROWS)
-
-
-def check_output(config: TrainConfig) -> Path:
-    """An existing run folder is never overwritten: only --resume may continue in it."""
-    output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise TrainingError(f"The output path {output} is a file; choose a folder.")
-    existing = {p.name for p in output.iterdir()} - RUN_FILES if output.is_dir() else set()
-    if config.resume:
-        finished = _finished_steps(output)
-        if finished is not None and _same_length(config, output):
-            raise TrainingError(f"The run in {output} already finished its {finished} steps, so there is nothing to "
-                                "resume; its adapter stays as it is. To train it further, resume with a larger "
-                                "--max-steps or --epochs.")
-        if latest_checkpoint(output) is None:
-            raise TrainingError(f"Nothing to resume in {output}: it holds no checkpoint.")
-    elif existing:
-        raise TrainingError(f"The output folder {output} already holds a run ({', '.join(sorted(existing)[:4])}); "
-                            "choose a new folder, or pass --resume to continue it.")
-    return output
-
-
-def _finished_steps(output: Path) -> int | None:
-    """The steps of the completed run in ``output``, or None when it has not completed."""
-    try:
-        summary = json.loads((output / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary.get("steps") if summary.get("status") == "completed" else None
-
-
-def _same_length(config: TrainConfig, output: Path) -> bool:
-    """Whether ``config`` asks for no more training than the run in ``output`` was configured for."""
-    stored = TrainConfig.from_file(output / "config.json")
-    return (config.max_steps, config.epochs) == (stored.max_steps, stored.epochs)
 
 
 # ---- the model with its loss --------------------------------------------------------------------
@@ -294,7 +257,7 @@ class Recipe:
             self.output.mkdir(parents=True, exist_ok=True)
             finished = self.output / "adapter"
             if finished.exists():  # a finished run trained further: its adapter is kept, under its step
-                kept = self.output / "checkpoints" / f"adapter-step{_finished_steps(self.output) or self.step}"
+                kept = self.output / "checkpoints" / f"adapter-step{finished_steps(self.output) or self.step}"
                 kept.parent.mkdir(exist_ok=True)
                 finished.rename(kept)
                 self.cb.log(f"the adapter of the finished run is kept in {kept}")
