@@ -318,3 +318,68 @@ def test_collate_pads_packed_sequences_as_a_block_of_their_own():
     assert "attention_mask" not in batch
     assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [-100, -100, -100]]
+
+
+# ---- the system prompt ----------------------------------------------------------------------------
+PERSONA_TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+                    "<|im_start|>system\nYou are Tiny, made by Tests.<|im_end|>\n{% endif %}"
+                    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def persona_tok():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = PERSONA_TEMPLATE  # adds its own system prompt, as SmolLM2's does
+    return tokenizer
+
+
+def test_the_template_default_system_prompt_is_found(persona_tok, tok):
+    from lora_app.data.templates import NAMED_TEMPLATES, ChatTemplate, template_system_prompt
+
+    assert template_system_prompt(persona_tok, ChatTemplate("tokenizer", PERSONA_TEMPLATE)) == \
+        "You are Tiny, made by Tests."
+    assert template_system_prompt(tok, ChatTemplate("alpaca", NAMED_TEMPLATES["alpaca"])) == ALPACA_SYSTEM
+    assert template_system_prompt(tok, ChatTemplate("tokenizer", tok.chat_template)) is None  # plain ChatML
+
+
+def test_system_prompt_kept_left_out_or_set_for_the_run(persona_tok, tmp_path):
+    from lora_app.data import SystemPrompt
+
+    rows = [{"messages": CONVERSATION},  # has its own
+            {"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Me."}]},
+            {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B", "weight": 0},
+                          {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}]}]
+    path = write_jsonl(tmp_path / "persona.jsonl", rows)
+
+    def prepared(system):
+        data = prepare_dataset(path, persona_tok, seq_len=512, system=system)
+        return data, [text_of(persona_tok, e) for e in data.train]
+
+    data, texts = prepared(SystemPrompt())
+    assert data.systems == ["dataset", "template default", "template default"]
+    assert data.report.template_system == "You are Tiny, made by Tests." and "You are Tiny" in texts[1]
+    assert "Be brief." in texts[0] and "You are Tiny" not in texts[0]
+
+    data, texts = prepared(SystemPrompt(use_default=False))
+    assert data.systems == ["dataset", "none", "none"] and not any("You are Tiny" in t for t in texts)
+    assert texts[1].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWho?")
+    # the turn with weight 0 stays untrained after the system turn was put before it
+    assert trained_runs(persona_tok, data.train[2]) == ["D<|im_end|>"]
+
+    data, texts = prepared(SystemPrompt("You are Quillon."))
+    assert data.report.system_prompts == {"run": 3}
+    assert all("You are Quillon." in t and "Be brief." not in t and "You are Tiny" not in t for t in texts)
+
+
+def test_chat_renders_the_prompt_as_training_did(persona_tok, tmp_path):
+    """The tokens chat feeds the model for a question are the tokens training put before its answer."""
+    from lora_app.data import SystemPrompt
+    from lora_app.inference.prompts import encode_prompt
+
+    path = write_jsonl(tmp_path / "one.jsonl", [{"messages": [{"role": "user", "content": "Who are you?"},
+                                                              {"role": "assistant", "content": "Quillon."}]}])
+    for system in (SystemPrompt(), SystemPrompt(use_default=False), SystemPrompt("You are Quillon.")):
+        example = prepare_dataset(path, persona_tok, seq_len=512, system=system).train[0]
+        prompt = example["input_ids"][:example["labels"].index(next(l for l in example["labels"] if l != IGNORE_INDEX))]
+        assert encode_prompt(persona_tok, "Who are you?", system=system)["input_ids"][0].tolist() == prompt, system

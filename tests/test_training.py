@@ -455,3 +455,27 @@ def test_batching_is_a_setting_and_old_runs_with_packing_still_load():
     assert "batching" in TrainConfig(data="d", output="o", batching="sorted").problems()
     assert TrainConfig.from_dict({"data": "d", "output": "o", "packing": True}).batching == "packed"
     assert TrainConfig.from_dict({"data": "d", "output": "o", "packing": False}).batching == "grouped"
+
+
+def test_the_system_prompt_choice_is_a_setting_and_travels_with_the_adapter(tiny_llama, qa_data, tmp_path):
+    from lora_app.data import PromptFormat, SystemPrompt
+    from lora_app.training.cli import build_config, parser
+
+    args = vars(parser().parse_args(["--data", qa_data, "--output", str(tmp_path / "run"), "--system-prompt",
+                                     "You are Quillon.", "--no-default-system-prompt"]))
+    config = build_config(args)
+    assert config.system() == SystemPrompt("You are Quillon.", use_default=False)
+    train(config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=1, system_prompt="You are Quillon."), quiet()[0])
+    stored = PromptFormat.load(tmp_path / "run" / "adapter")
+    assert stored.system == SystemPrompt("You are Quillon.") and stored.template == "tokenizer"
+    assert "{% for" in stored.chat_template
+
+
+def test_a_run_reports_its_phases_in_order(tiny_llama, qa_data, tmp_path):
+    phases = []
+    callbacks = Callbacks(log=lambda text: None, on_phase=lambda phase, detail: phases.append((phase, detail)))
+    train(config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=4, eval_every=2, val_fraction=0.25), callbacks)
+    names = [name for i, (name, _) in enumerate(phases) if i == 0 or phases[i - 1][0] != name]
+    assert names == ["preparing data", "loading model", "first step", "training", "evaluating", "training",
+                     "evaluating", "saving"]
+    assert phases[1][1].endswith("tokens") and "rows" in phases[1][1]  # what preparing the data found

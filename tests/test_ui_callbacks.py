@@ -88,13 +88,16 @@ def test_preview_shows_trained_spans_and_histogram(home, tiny_llama, dataset):
     from lora_app.ui.data_tab import on_upload, preview
 
     path, status = on_upload(dataset)
-    assert Path(path).parent == home / "datasets" and "pirate.jsonl" in status
+    # stored under its content hash, with the name the user knows
+    assert Path(path).parent.parent == home / "datasets" and Path(path).name == "pirate.jsonl"
+    assert "pirate.jsonl" in status
     assert on_upload(dataset)[0] == path  # the same content is stored once
-    status, html, figure = preview(path, tiny_llama, "auto", "", "auto", False, 128, "grouped", 4, 0.1)
+    status, html, figure = preview(path, tiny_llama, "auto", "", "auto", "", True, False, 128, "grouped", 4, 0.1)
     assert "openai" in status and "training rows" in status
     # the padding each batching would cost, the chosen one in bold
     assert "Padding at batch size 4: **grouped" in status and "random" in status and "packed" in status
     assert "<mark>" in html and "Arr, answer" in html
+    assert "<td>pirate.jsonl</td>" in html  # the Source row
     assert sum(figure.data[0].y) > 0
 
 
@@ -102,11 +105,13 @@ def test_dataset_choice_is_restored_after_reload(home, dataset, tmp_path):
     from lora_app.ui.data_tab import on_upload, restore, use_demo
 
     path, _ = on_upload(dataset)
-    assert restore(path) == (path, "Using **pirate.jsonl** (chosen before the page was reloaded).")
-    assert restore(str(tmp_path / "gone.jsonl")) == (None, "No dataset yet.")
-    assert restore(None)[0] is None
-    demo, status = use_demo()
-    assert Path(demo).is_file() and "Captain Byte" in status
+    # the dataset path, the upload box showing the file, the status
+    assert restore(path) == (path, path, "Using **pirate.jsonl** (chosen before the page was reloaded).")
+    assert restore(str(tmp_path / "gone.jsonl")) == (None, None, "**gone.jsonl** is no longer there (chosen before "
+                                                     "the page was reloaded); upload it again.")
+    assert restore(None) == (None, None, "No dataset yet.")
+    demo, shown, status = use_demo()
+    assert Path(demo).is_file() and shown == demo and "Captain Byte" in status
 
 
 def test_preview_errors_are_plain_words(home, tiny_llama, tmp_path):
@@ -114,12 +119,12 @@ def test_preview_errors_are_plain_words(home, tiny_llama, tmp_path):
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    status, html, figure = preview(str(empty), tiny_llama, "auto", "", "auto", False, 128, "grouped", 4, 0)
+    status, html, figure = preview(str(empty), tiny_llama, "auto", "", "auto", "", True, False, 128, "grouped", 4, 0)
     assert status.startswith("**This dataset cannot be used yet.**") and "Traceback" not in status
     assert (html, figure) == ("", None)
     with pytest.raises(gr.Error, match="column mapping"):  # a malformed mapping: a toast, not a stack trace
-        preview(str(empty), tiny_llama, "auto", "prompt", "auto", False, 128, "grouped", 4, 0)
-    status, _, _ = preview(None, tiny_llama, "auto", "", "auto", False, 128, "grouped", 4, 0)
+        preview(str(empty), tiny_llama, "auto", "prompt", "auto", "", True, False, 128, "grouped", 4, 0)
+    status, _, _ = preview(None, tiny_llama, "auto", "", "auto", "", True, False, 128, "grouped", 4, 0)
     assert "Upload a dataset" in status
 
 
@@ -326,7 +331,7 @@ def test_chat_streams_with_every_mode_and_keeps_history(finished_run, tiny_llama
     choice = f"run:{finished_run.id}"
     assert adapter_choices(tiny_llama) == [("pirate.v1", choice)]
     assert refresh_adapters(tiny_llama, [choice]) == gr.update(choices=[("pirate.v1", choice)])
-    settings = ["", 0.0, 1.0, 0, 8, 1.0, 0]
+    settings = ["", True, 0.0, 1.0, 0, 8, 1.0, 0]
     history = []
     for kind, picked, weights in (("base", [], ""), ("adapter", [choice], ""), ("mix", [choice], "0.5"),
                                   ("merged", [choice], "")):
@@ -351,7 +356,7 @@ def test_a_deleted_run_reads_the_same_everywhere(finished_run, tiny_llama):
     delete_run(finished_run.id)
     gone = str(RunNotFound(finished_run.id))
     *_, (_, _, status) = respond("Hi", [], tiny_llama, "adapter", [f"run:{finished_run.id}"], "",
-                                 "", 0.0, 1.0, 0, 8, 1.0, 0)
+                                 "", True, 0.0, 1.0, 0, 8, 1.0, 0)
     assert status == f"⚠️ {gone}"
     assert run_details(finished_run.id) == gone
     with pytest.raises(RunNotFound):
@@ -363,11 +368,11 @@ def test_a_deleted_run_reads_the_same_everywhere(finished_run, tiny_llama):
 def test_compare_side_by_side(finished_run, tiny_llama):
     from lora_app.ui.compare_tab import run_compare
 
-    pages = list(run_compare("Hello", tiny_llama, [f"run:{finished_run.id}"], True, "", "", 0.0, 8, 0))
+    pages = list(run_compare("Hello", tiny_llama, [f"run:{finished_run.id}"], True, "", "", True, 0.0, 8, 0))
     assert pages[0].count("lora-pending") == 2 and "lora-pending" not in pages[-1]
     assert "base" in pages[-1] and "pirate_v1" in pages[-1] and pages[-1].count("tok/s") == 2
     with pytest.raises(Exception, match="prompt"):
-        list(run_compare("  ", tiny_llama, [], True, "", "", 0.0, 8, 0))
+        list(run_compare("  ", tiny_llama, [], True, "", "", True, 0.0, 8, 0))
 
 
 def test_export_merged_model(finished_run):
@@ -412,3 +417,40 @@ def test_page_builds_with_every_tab(home):
     labels = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
     assert labels == ["1 · Data", "2 · Model & LoRA", "3 · Train", "4 · Runs & adapters", "5 · Chat", "6 · Compare"]
     assert "LoRA Studio" in demo.title
+
+
+def test_chat_takes_the_system_prompt_the_adapter_was_trained_with(finished_run, tiny_llama):
+    from lora_app.data import PromptFormat, SystemPrompt
+    from lora_app.ui.chat_tab import system_prompt, trained_system
+
+    choice = f"run:{finished_run.id}"
+    assert trained_system([choice]) == (gr.skip(), gr.skip(), gr.skip())  # trained elsewhere: left alone
+    PromptFormat("tokenizer", "{{ messages }}", SystemPrompt(None, use_default=False)).save(finished_run.adapter_path)
+    text, use_default, said = trained_system([choice])
+    assert (text, use_default) == ("", False) and "not the template's default" in said
+    PromptFormat("tokenizer", "{{ messages }}", SystemPrompt("You are Quillon.")).save(finished_run.adapter_path)
+    assert trained_system([choice])[:2] == ("You are Quillon.", True)
+    assert system_prompt("  ", False) == SystemPrompt(None, use_default=False)
+
+
+def test_the_form_survives_a_reload_and_loads_from_a_past_run(finished_run, tiny_llama, dataset):
+    from lora_app.ui.form import FIELDS, default_config, form_values
+    from lora_app.ui.model_tab import remember_form, restore_form
+    from lora_app.ui.runs_tab import load_settings
+
+    first = dict(zip(FIELDS, restore_form(None)))  # a first visit: the page defaults
+    assert (first["rank"], first["seq_len"]) == (16, 256)
+    edited = {**form_values(default_config()), "model": tiny_llama, "rank": 8, "alpha": 16.0, "seq_len": 128,
+              "max_steps": 20, "system_prompt": "You are Quillon.", "default_system_prompt": False}
+    saved = remember_form(*(edited[name] for name in FIELDS))  # what the browser keeps
+    restored = dict(zip(FIELDS, restore_form(saved)))
+    for name in ("model", "rank", "alpha", "seq_len", "max_steps", "system_prompt", "default_system_prompt"):
+        assert restored[name] == edited[name], name
+    assert "q_proj" in restored["targets"]["choices"]  # the tiny model's layers
+    *form, about = restore_form(saved)
+    assert "llama" in about
+
+    *form, path, shown, status, tab, said = load_settings(finished_run.id)
+    loaded = dict(zip(FIELDS, form))
+    assert (loaded["rank"], loaded["alpha"], loaded["seq_len"], loaded["model"]) == (4, 8.0, 64, tiny_llama)
+    assert path == shown == dataset and tab["selected"] == "model" and "pirate.v1" in said

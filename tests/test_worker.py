@@ -58,6 +58,43 @@ def test_claim_is_exclusive_and_first_come_first_served(tmp_path):
     assert [m["step"] for m in store.metrics(second.id)] == [1]
 
 
+def test_phases_are_recorded_in_order_and_old_stores_gain_them(tmp_path):
+    import sqlite3
+
+    from lora_app.ui.train_tab import phases_html
+
+    store = RunStore(tmp_path / "new")
+    run = store.create_run({}, device="cpu")
+    store.enter_phase(run.id, "preparing data", "pirate.jsonl")
+    store.enter_phase(run.id, "preparing data", "40 rows, 1,234 tokens")  # the same phase: what it found
+    store.enter_phase(run.id, "loading model")
+    phases = store.get(run.id).phases
+    assert [(p["phase"], p["detail"]) for p in phases] == [("preparing data", "40 rows, 1,234 tokens"),
+                                                          ("loading model", "")]
+    store.claim(run.id, pid=1)
+    shown = phases_html(store.get(run.id), now=phases[-1]["at"] + 3)
+    assert shown.index("data-phase='preparing data'") < shown.index("data-phase='loading model'")
+    assert "lora-phase-now'>loading model 3 s" in shown
+    store.requeue(run.id)
+    assert store.get(run.id).phases == []  # a resumed run starts its phases again
+
+    old = tmp_path / "old"  # a store written before phases existed
+    old.mkdir()
+    db = sqlite3.connect(old / "runs.db")
+    db.executescript(_SCHEMA_WITHOUT_PHASES)
+    db.execute("INSERT INTO runs (id, name, output, status, created, config) VALUES ('r1', 'r', 'o', 'completed', 0, "
+               "'{}')")
+    db.commit()
+    db.close()
+    assert RunStore(old).get("r1").phases == []
+
+
+_SCHEMA_WITHOUT_PHASES = """CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT NOT NULL, output TEXT NOT NULL,
+    device TEXT NOT NULL DEFAULT 'cpu', status TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL,
+    heartbeat REAL, pid INTEGER, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER,
+    cancel_requested REAL NOT NULL DEFAULT 0, config TEXT NOT NULL, estimate TEXT, summary TEXT, error TEXT);"""
+
+
 def test_queue_kill_dash_9_and_resume(setup):
     root, model, data = setup
     store = RunStore(root / "runs")

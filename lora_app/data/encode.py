@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .errors import RowSkip
 from .formats import Sample
 from .report import DataReport
-from .templates import ChatTemplate, render_segments
+from .templates import ChatTemplate, SystemPrompt, render_segments, template_system_prompt, with_system
 
 IGNORE_INDEX = -100
 _BATCH = 256  # samples tokenized per call: one call for many texts is several times faster
@@ -29,23 +29,27 @@ def encode_samples(
     *,
     seq_len: int,
     train_on_prompt: bool = False,
-) -> tuple[list[dict[str, list[int]]], list[int]]:
-    """Examples ``{"input_ids", "labels"}`` for the samples, and their lengths before truncation.
+    system: SystemPrompt = SystemPrompt(),
+) -> tuple[list[dict[str, list[int]]], list[int], list[str]]:
+    """Examples ``{"input_ids", "labels"}`` for the samples, their lengths before truncation, and where
+    each one's system prompt comes from (``SYSTEM_SOURCES``; counted in ``report.system_prompts``).
 
     A sequence longer than ``seq_len`` keeps its first ``seq_len`` tokens and is counted in
     ``report.truncated``; one left with nothing to train on is skipped and counted instead.
     """
-    examples, lengths = [], []
+    examples, lengths, sources = [], [], []
+    default = report.template_system = template_system_prompt(tokenizer, template) if template.source else None
     for start in range(0, len(samples), _BATCH):
         rendered = []
         for sample in samples[start : start + _BATCH]:
+            sample, source = with_system(sample, system, default)
             try:
-                rendered.append((sample, render_segments(sample, tokenizer, template)))
+                rendered.append((sample, source, render_segments(sample, tokenizer, template)))
             except RowSkip as skip:
                 report.skip(skip.reason, sample.where)
-        texts = [text for _, segments in rendered for text, _ in segments]
+        texts = [text for _, _, segments in rendered for text, _ in segments]
         pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        for sample, segments in rendered:
+        for sample, source, segments in rendered:
             input_ids, labels = [], []
             for _, trained in segments:
                 piece = next(pieces)
@@ -59,4 +63,6 @@ def encode_samples(
             report.truncated += length > seq_len
             examples.append({"input_ids": input_ids, "labels": labels})
             lengths.append(length)
-    return examples, lengths
+            sources.append(source)
+            report.system_prompts[source] += 1
+    return examples, lengths, sources

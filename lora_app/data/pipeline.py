@@ -19,7 +19,7 @@ from .packing import pack_examples
 from .readers import Record, read_records
 from .report import DataReport
 from .split import split_rows
-from .templates import resolve_template, text_template
+from .templates import ChatTemplate, SystemPrompt, resolve_template, text_template
 
 DEFAULT_SEQ_LEN = 1024
 # Refuse larger files: the tokenized dataset is held in memory (about 70 bytes per token).
@@ -34,12 +34,15 @@ class PreparedData:
     ``train`` and ``val`` are lists of ``{"input_ids", "labels"}`` (plus ``position_ids`` when
     packed) with no padding; batch them with :func:`~lora_app.data.tensors.collate`.
     ``lengths`` are the token counts of the training examples before truncation and packing.
+    ``systems`` say where each training example's system prompt comes from (see ``SystemPrompt``).
     """
 
     train: list[dict[str, list[int]]]
     val: list[dict[str, list[int]]]
     report: DataReport
     lengths: list[int]
+    systems: list[str]  # per training example: where its system prompt comes from (SYSTEM_SOURCES)
+    template: ChatTemplate  # what the conversations were rendered with
 
 
 def prepare_dataset(
@@ -51,6 +54,7 @@ def prepare_dataset(
     template: str | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     train_on_prompt: bool = False,
+    system: SystemPrompt = SystemPrompt(),
     packing: bool = False,
     val_fraction: float = 0.0,
     val_data: str | os.PathLike | None = None,
@@ -78,16 +82,17 @@ def prepare_dataset(
         if note:
             report.note(note)
     report.template = chat_template.name
-    options = dict(seq_len=seq_len, train_on_prompt=train_on_prompt)
-    train, lengths = encode_samples(train_samples, tokenizer, chat_template, report, **options)
-    val, _ = encode_samples(val_samples, tokenizer, chat_template, report, **options)
+    options = dict(seq_len=seq_len, train_on_prompt=train_on_prompt, system=system)
+    train, lengths, systems = encode_samples(train_samples, tokenizer, chat_template, report, **options)
+    val, _, _ = encode_samples(val_samples, tokenizer, chat_template, report, **options)
     if not train:
         raise DataError(_no_usable_rows(report))
     report.train_rows, report.val_rows = len(train), len(val)
     if packing:
         train, val = pack_examples(train, seq_len), pack_examples(val, seq_len)
         report.packed_sequences = len(train)
-    return PreparedData(train=train, val=val, report=report, lengths=lengths)
+    return PreparedData(train=train, val=val, report=report, lengths=lengths, systems=systems,
+                        template=chat_template)
 
 
 def load_split(

@@ -15,6 +15,10 @@ from .encode import IGNORE_INDEX
 from .packing import pack_examples
 from .pipeline import prepare_dataset
 from .report import DataReport
+from .templates import SYSTEM_SOURCES
+
+SYSTEM_LABELS = dict(zip(SYSTEM_SOURCES, ("the one set for this run", "the dataset's own", "the template's default",
+                                                "none")))
 
 Span = tuple[str, bool]  # (text, trained)
 
@@ -54,6 +58,7 @@ class Preview:
     examples: list[list[Span]]
     lengths: LengthStats
     token_counts: list[int] = field(default_factory=list)  # per training example, before truncation
+    systems: list[str] = field(default_factory=list)  # per example shown: where its system prompt comes from
 
     def summary(self) -> list[tuple[str, str]]:
         """``(label, value)`` lines describing the dataset, in display order."""
@@ -63,6 +68,7 @@ class Preview:
             ("Format", f"{r.format} ({'trained on assistant turns' if r.kind == 'chat' else 'trained on all text'})"),
             ("Columns", ", ".join(f"{f} ← {c}" for f, c in r.mapping.items())),
             ("Template", r.template),
+            *([("System prompt", self.system_line())] if r.kind == "chat" else []),
             ("Rows", f"{r.rows_read} read · {r.train_rows} train · {r.val_rows} validation · {r.rows_skipped} skipped"),
             ("Tokens per example", f"min {s.min} · median {s.median} · p95 {s.p95} · max {s.max}"),
         ]
@@ -74,14 +80,26 @@ class Preview:
         lines += [("Note", note) for note in r.notes]
         return lines
 
+    def system_line(self) -> str:
+        """Which system prompt the examples are trained with, by source; the template's default quoted,
+        since nothing in the data shows it."""
+        counts = self.report.system_prompts
+        line = " · ".join(f"{SYSTEM_LABELS[s]} on {counts[s]} rows" for s in SYSTEM_SOURCES if counts[s])
+        if counts["template default"]:
+            line += (f". The template adds its default to rows without one: “{self.report.template_system}” "
+                     "(set your own system prompt, or turn the default off)")
+        return line
+
     def to_html(self) -> str:
         """The summary as a table, then the examples with trained text in ``<mark>``."""
         rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in self.summary())
+        systems = self.systems or [""] * len(self.examples)
         examples = "".join(
-            "<pre class='lora-example'>"
+            (f"<p class='lora-example-note'>System prompt: {SYSTEM_LABELS[system]}</p>" if system else "")
+            + "<pre class='lora-example'>"
             + "".join(f"<mark>{html.escape(t)}</mark>" if trained else html.escape(t) for t, trained in spans)
             + "</pre>"
-            for spans in self.examples
+            for spans, system in zip(self.examples, systems)
         )
         legend = "<p>Highlighted text is what the model is trained to write.</p>"
         return f"<table class='lora-dataset'>{rows}</table>{legend}{examples}"
@@ -102,6 +120,7 @@ def preview_dataset(source: str | os.PathLike, tokenizer, *, examples: int = 3, 
         examples=[trained_spans(example, tokenizer) for example in data.train[:examples]],
         lengths=LengthStats.of(data.lengths, report.seq_len, bins),
         token_counts=data.lengths,
+        systems=data.systems[:examples] if report.kind == "chat" else [],
     )
 
 

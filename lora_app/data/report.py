@@ -20,6 +20,8 @@ class DataReport:
     columns: list[str] = field(default_factory=list)
     mapping: dict[str, str] = field(default_factory=dict)  # format field -> source column
     template: str = ""
+    template_system: str | None = None  # the system prompt the template adds where a conversation has none
+    system_prompts: Counter = field(default_factory=Counter)  # examples per source of their system prompt
     rows_read: int = 0
     train_rows: int = 0
     val_rows: int = 0

@@ -17,9 +17,14 @@ assistant span ends with it: the span runs up to and including the last EOS in t
 (a ChatML template on a tokenizer whose EOS is ``</s>``, say) the EOS is inserted after the turn.
 """
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import jinja2
+
+from lora_app.paths import write_json
 
 from .errors import DataError, RowSkip
 from .formats import Sample
@@ -63,6 +68,95 @@ class ChatTemplate:
     name: str
     source: str
     bos: str = ""
+
+
+@dataclass(frozen=True)
+class SystemPrompt:
+    """The system turn every conversation is trained with -- and, stored with the adapter, chatted with.
+
+    ``text``: one system prompt for every conversation, replacing the dataset's own (None keeps the
+    dataset's). ``use_default``: where a conversation has no system turn, let the template add its
+    default one (SmolLM2's names the model "SmolLM", which a persona dataset contradicts); when off,
+    such a conversation gets an empty system turn, which keeps the default out of templates that have one.
+    """
+
+    text: str | None = None
+    use_default: bool = True
+
+    def apply(self, messages: list[dict], template_default: str | None) -> tuple[list[dict], str]:
+        """(the conversation to render, where its system prompt comes from: SYSTEM_SOURCES)."""
+        if self.text is not None:
+            return [{"role": "system", "content": self.text}] + [m for m in messages if m["role"] != "system"], "run"
+        if messages and messages[0]["role"] == "system":
+            return messages, "dataset"
+        if template_default is None:
+            return messages, "none"
+        if self.use_default:
+            return messages, "template default"
+        return [{"role": "system", "content": ""}] + messages, "none"
+
+
+SYSTEM_SOURCES = ("run", "dataset", "template default", "none")
+_PROBE = "\x00{}\x00"  # text no real conversation holds, to find where a template puts things
+
+
+PROMPT_FORMAT_FILE = "prompt_format.json"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a run rendered its conversations, kept next to its adapter (``PROMPT_FORMAT_FILE``) so that
+    chat, compare and exports render prompts the way training did."""
+
+    template: str  # "tokenizer" or a key of NAMED_TEMPLATES
+    chat_template: str  # its Jinja source
+    system: SystemPrompt
+
+    def save(self, folder: str | os.PathLike) -> None:
+        write_json(Path(folder) / PROMPT_FORMAT_FILE, asdict(self))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "PromptFormat | None":
+        """The adapter's prompt format; None for an adapter trained elsewhere (or on raw text)."""
+        try:
+            values = json.loads((Path(folder) / PROMPT_FORMAT_FILE).read_text())
+            return cls(values["template"], values["chat_template"], SystemPrompt(**values["system"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def template_system_prompt(tokenizer, template: "ChatTemplate") -> str | None:
+    """The system prompt ``template`` adds to a conversation that has none (None when it adds none).
+
+    Rendered twice, once without a system turn and once with a marker as the system prompt: whatever
+    stands in the marker's place in the first rendering is the template's default.
+    """
+    user = {"role": "user", "content": _PROBE.format("user")}
+    try:
+        plain = _render(tokenizer, template, [user], generation_prompt=False)
+        marked = _render(tokenizer, template, [{"role": "system", "content": _PROBE.format("system")}, user],
+                         generation_prompt=False)
+    except RowSkip:  # a template that refuses system turns has no default one either
+        return None
+    before, _, after = marked.partition(_PROBE.format("system"))
+    after = after[: after.find(user["content"])]
+    plain = plain[: plain.find(user["content"])]
+    if not after or not (plain.startswith(before) and plain.endswith(after)):
+        return None
+    return plain[len(before) : len(plain) - len(after)] or None
+
+
+def with_system(sample: Sample, system: SystemPrompt, template_default: str | None) -> tuple[Sample, str]:
+    """``sample`` with ``system`` applied (its untrained turn indices follow the moved turns) and the
+    source of its system prompt; raw text samples have none."""
+    if sample.text is not None:
+        return sample, "none"
+    messages, source = system.apply(list(sample.messages), template_default)
+    if messages == list(sample.messages):
+        return sample, source
+    ids = {id(m): i for i, m in enumerate(sample.messages)}
+    moved = {ids[id(m)]: i for i, m in enumerate(messages) if id(m) in ids}
+    return replace(sample, messages=tuple(messages), untrained=frozenset(moved[i] for i in sample.untrained)), source
 
 
 def text_template(tokenizer) -> ChatTemplate:

@@ -23,6 +23,7 @@ from lora_app.inference.compare import ComparisonResult, comparison_modes
 from lora_app.errors import InferenceError
 from lora_app.inference.export import write_merged
 from lora_app.inference.modes import Mode
+from lora_app.data.templates import SystemPrompt
 from lora_app.inference.prompts import encode_prompt, eos_token_ids
 from lora_app.inference.settings import GenerationSettings
 from lora_app.inference.sources import adapter_name_for, resolve_source
@@ -146,12 +147,13 @@ class LoadedBase:
                 merge_adapters(self.model, layers=self.cache.layers())
 
     # ------------------------------------------------------------------------------- generation
-    def stream(self, prompt: str, *, history: Iterable | None = None, system: str | None = None,
+    def stream(self, prompt: str, *, history: Iterable | None = None, system: SystemPrompt | str | None = None,
                raw: bool = False, settings: GenerationSettings | None = None,
                mode: Mode | str | list | dict | None = ..., merged: bool = False) -> GenerationStream:
         """A streaming reply to ``prompt``: iterate it for text pieces, then read ``.result``.
 
-        Chat mode (default): ``[system] + history + prompt`` through the chat template. ``raw``:
+        Chat mode (default): ``[system] + history + prompt`` through the chat template (``system``: text,
+        or an adapter's ``SystemPrompt`` -- say, no template default -- as it was trained). ``raw``:
         ``prompt`` is text to continue. ``mode`` (a ``Mode``, None for the base, a name, a list or a
         weights dict, with ``merged``) is switched to first; left out, the current mode is used. The
         prompt is checked now (an empty one raises ``InferenceError`` at once); the model is taken
@@ -192,7 +194,7 @@ class LoadedBase:
 
     def iter_compare(self, prompt: str, adapters: Iterable[str] = (), *, mix: dict[str, float] | None = None,
                      include_base: bool = True, merged: bool = False, history: Iterable | None = None,
-                     system: str | None = None, raw: bool = False,
+                     system: SystemPrompt | str | None = None, raw: bool = False,
                      settings: GenerationSettings | None = None) -> Iterator[ComparisonResult]:
         """Yield one ``ComparisonResult`` per column (base, each adapter, the mix) as each finishes,
         all from the same prompt, settings and seed. The model is held for the whole comparison and

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from lora_app.data import PromptFormat, SystemPrompt
 from lora_app.errors import AdapterLoadError, InferenceError, UserError
 from lora_app.inference.devices import DEVICE_CHOICES
 from lora_app.inference.engine import InferenceEngine, default_work_dir
@@ -53,7 +54,10 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", action="store_true", help="merge the adapters into the weights first")
     parser.add_argument("--prompt", required=True, help="the user message (or text to continue with --raw); "
                         "'-' reads it from stdin")
-    parser.add_argument("--system", default=None, help="a system prompt (chat mode only)")
+    parser.add_argument("--system", default=None, help="a system prompt (chat mode only; default: the one the "
+                        "first --adapter was trained with)")
+    parser.add_argument("--no-default-system-prompt", action="store_true",
+                        help="without --system, leave out the chat template's default system prompt")
     parser.add_argument("--raw", action="store_true", help="plain text completion, no chat template")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
@@ -109,9 +113,19 @@ def _adapter_folders(args) -> list:
     return [resolve_source(source, default_work_dir() / "unzipped") for source in args.adapter]
 
 
-def _engine_base(args):
+def _system(args, folders) -> SystemPrompt:
+    """--system and --no-default-system-prompt as given, else what the first adapter was trained with."""
+    if args.system is not None or args.no_default_system_prompt:
+        return SystemPrompt((args.system or "").strip() or None, not args.no_default_system_prompt)
+    for folder in folders:
+        trained = PromptFormat.load(folder)
+        if trained is not None:
+            return trained.system
+    return SystemPrompt()
+
+
+def _engine_base(args, folders):
     weights = _mode_weights(args)
-    folders = _adapter_folders(args)
     base = InferenceEngine(device=args.device).base(args.model, args.quantization)
     names = [base.load_adapter(folder) for folder in folders]
     if len(set(names)) != len(names):
@@ -131,8 +145,10 @@ def run_generate(args, out) -> int:
         raise InferenceError("--weights needs an --adapter for each weight.")
     if not prompt.strip():
         raise InferenceError("The prompt is empty: give some text with --prompt.")
-    base, mix = _engine_base(args)
-    stream = base.stream(prompt, system=args.system, raw=args.raw, settings=settings,
+    folders = _adapter_folders(args)
+    base, mix = _engine_base(args, folders)
+    system = args.system if args.raw else _system(args, folders)  # raw refuses a system prompt
+    stream = base.stream(prompt, system=system, raw=args.raw, settings=settings,
                          mode=Mode.of(mix, merged=args.merge))
     writer = _Trimmed(out)
     for piece in stream:
@@ -162,7 +178,7 @@ def run_export(args, out) -> int:
         written.append(zip_adapter(folder, args.zip_out, overwrite=args.overwrite))
         push_folder = folder
     if args.merged_out:
-        base, mix = _engine_base(args)
+        base, mix = _engine_base(args, _adapter_folders(args))
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
         written.append(base.export_merged(args.merged_out, mix, dtype=dtype, overwrite=args.overwrite))
         push_folder = written[-1]

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from lora_app.data.templates import TOKENIZER_TEMPLATE, ChatTemplate, SystemPrompt, template_system_prompt
 from lora_app.errors import InferenceError
 
 ROLES = ("system", "user", "assistant")
@@ -40,13 +41,21 @@ def normalize_history(history: Iterable | None) -> list[dict]:
     return messages
 
 
-def chat_messages(prompt: str, history: Iterable | None = None, system: str | None = None) -> list[dict]:
-    """The full conversation for the template; refuses an empty prompt."""
+def as_system(system: SystemPrompt | str | None) -> SystemPrompt:
+    """A system prompt as given: a ``SystemPrompt`` (an adapter's, say), or text (blank: none given)."""
+    if isinstance(system, SystemPrompt):
+        return system
+    return SystemPrompt(system if system and system.strip() else None)
+
+
+def chat_messages(prompt: str, history: Iterable | None = None, system: SystemPrompt | str | None = None,
+                  template_default: str | None = None) -> list[dict]:
+    """The full conversation for the template, with the system turn as training made it (an explicit
+    system prompt replaces any carried in the history); refuses an empty prompt. ``template_default``:
+    the system prompt the template adds where there is none."""
     require_text(prompt)
-    messages = [{"role": "system", "content": system}] if system and system.strip() else []
-    # an explicit system prompt replaces any system turn carried in the history
-    messages += [m for m in normalize_history(history) if m["role"] != "system" or not messages]
-    return messages + [{"role": "user", "content": prompt}]
+    messages = normalize_history(history) + [{"role": "user", "content": prompt}]
+    return as_system(system).apply(messages, template_default)[0]
 
 
 def require_text(prompt) -> None:
@@ -75,14 +84,16 @@ def encode_raw(tokenizer, text: str) -> dict[str, torch.Tensor]:
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def encode_prompt(tokenizer, prompt: str, *, history: Iterable | None = None, system: str | None = None,
-                  raw: bool = False) -> dict[str, torch.Tensor]:
+def encode_prompt(tokenizer, prompt: str, *, history: Iterable | None = None,
+                  system: SystemPrompt | str | None = None, raw: bool = False) -> dict[str, torch.Tensor]:
     """One entry point for both modes; ``history`` and ``system`` apply to chat mode only."""
     if raw:
-        if history or system:
+        if history or as_system(system).text is not None:
             raise InferenceError("raw completion takes only the text to continue: no history or system prompt.")
         return encode_raw(tokenizer, prompt)
-    return encode_messages(tokenizer, chat_messages(prompt, history, system))
+    template = ChatTemplate(TOKENIZER_TEMPLATE, getattr(tokenizer, "chat_template", None) or "")
+    default = template_system_prompt(tokenizer, template) if template.source else None
+    return encode_messages(tokenizer, chat_messages(prompt, history, system, default))
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

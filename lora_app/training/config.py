@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from lora_app.data.formats import FORMATS
-from lora_app.data.templates import TEMPLATES
+from lora_app.data.templates import TEMPLATES, SystemPrompt
 from lora_app.errors import LoraConfigError, TrainConfigError
 from lora_app.lora.config import QUANTIZATIONS, VARIANTS, LoraConfig
 from lora_app.paths import write_json
@@ -59,6 +59,12 @@ class TrainConfig:
                                         unset="the layout's own column names")
     template: str | None = setting(None, "chat template", "data", choices=TEMPLATES,
                                    unset="the tokenizer's own, else alpaca")
+    system_prompt: str | None = setting(None, "one system prompt for every conversation, replacing the dataset's "
+                                        "own; chat uses it too", "data", label="system prompt",
+                                        unset="the dataset's own")
+    default_system_prompt: bool = setting(True, "where a conversation has no system prompt, let the chat template "
+                                          "add its default one (SmolLM2's says it is SmolLM, made by Hugging Face)",
+                                          "data", label="template's default system prompt")
     train_on_prompt: bool = setting(False, "train on the prompts too, not only the assistant's turns", "data")
     seq_len: int = setting(512, "longest example in tokens; longer ones are truncated", "data",
                            label="sequence length", above=0)
@@ -149,6 +155,10 @@ class TrainConfig:
         if problems:
             raise TrainConfigError(problems)
         return self
+
+    def system(self) -> SystemPrompt:
+        """The system turn the conversations are trained (and chatted) with."""
+        return SystemPrompt(self.system_prompt, self.default_system_prompt)
 
     def lora_config(self) -> LoraConfig:
         """The core's settings for this run's adapter (raises ``LoraConfigError`` when they are invalid)."""

@@ -104,6 +104,7 @@ class Console:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log = open(log_path, "a", buffering=1)
         self.as_json, self.bar = as_json, None
+        self.began, self.phases = time.monotonic(), set()
 
     def say(self, text: str, console: bool = True) -> None:
         if console and self.bar is not None:
@@ -126,6 +127,14 @@ class Console:
         self.bar.set_postfix_str(" ".join(f"{k} {values[k]:.4g}" for k in ("loss", "eval_loss") if k in values)
                                  + (f" {values['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in values else ""))
         self.say(line, console=False)
+
+    def phase(self, phase: str, detail: str) -> None:
+        """A line per phase the run enters, with the time since it began (training back from an
+        evaluation or a checkpoint needs no line of its own)."""
+        if phase == "training" and phase in self.phases:
+            return
+        self.phases.add(phase)
+        self.say(f"[{time.monotonic() - self.began:6.1f} s] {phase}" + (f": {detail}" if detail else ""))
 
     def finish(self, status: str, summary: dict, output: str) -> None:
         self.close_bar()
@@ -193,7 +202,12 @@ def _callbacks(config: TrainConfig, store, run_id, stop: threading.Event, done: 
             store.log_metrics(run_id, step, values)
         console.step(step, progress["total"], values)
 
-    return Callbacks(on_start=on_start, on_log=on_log, should_stop=stop.is_set, log=console.say)
+    def on_phase(phase: str, detail: str) -> None:
+        if store is not None:
+            store.enter_phase(run_id, phase, detail)
+        console.phase(phase, detail)
+
+    return Callbacks(on_start=on_start, on_log=on_log, should_stop=stop.is_set, log=console.say, on_phase=on_phase)
 
 
 def explain(err: Exception) -> str:

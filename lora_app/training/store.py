@@ -24,6 +24,9 @@ from lora_app.errors import RunNotFound
 from lora_app.paths import app_home
 
 FINISHED = ("completed", "failed", "cancelled")
+# what a running job is doing, in the order a run goes through them (it returns to training after each
+# evaluation and checkpoint); each is recorded with when it began, so its time can be shown
+PHASES = ("starting", "preparing data", "loading model", "first step", "training", "evaluating", "saving")
 HEARTBEAT_TIMEOUT = 90.0  # seconds without a heartbeat before a running job counts as dead
 
 _SCHEMA = """
@@ -44,7 +47,8 @@ CREATE TABLE IF NOT EXISTS runs (
     config TEXT NOT NULL,
     estimate TEXT,
     summary TEXT,
-    error TEXT
+    error TEXT,
+    phases TEXT  -- JSON list of {"phase", "detail", "at"}
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL,
@@ -74,6 +78,7 @@ class Run:
     estimate: dict | None = None
     summary: dict | None = None
     error: str | None = None
+    phases: list[dict] = field(default_factory=list)
 
     @property
     def log_path(self) -> Path:
@@ -100,6 +105,9 @@ class RunStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            if "phases" not in columns:  # a store made before phases were recorded
+                db.execute("ALTER TABLE runs ADD COLUMN phases TEXT")
         finally:
             db.close()
 
@@ -180,7 +188,23 @@ class RunStore:
 
     def requeue(self, run_id: str) -> None:
         """Put a finished run back in the queue (to resume it)."""
-        self.update(run_id, status="queued", created=time.time(), cancel_requested=0, error=None, finished=None)
+        self.update(run_id, status="queued", created=time.time(), cancel_requested=0, error=None, finished=None,
+                    phases=None)
+
+    def enter_phase(self, run_id: str, phase: str, detail: str = "") -> None:
+        """Record that the job began ``phase`` (one of PHASES) now; the same phase again only updates its
+        ``detail`` (what it found: rows, tokens, ...)."""
+        assert phase in PHASES, phase
+        with self._connect(immediate=True) as db:
+            row = db.execute("SELECT phases FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(run_id)
+            phases = json.loads(row["phases"] or "[]")
+            if phases and phases[-1]["phase"] == phase:
+                phases[-1]["detail"] = detail
+            else:
+                phases.append({"phase": phase, "detail": detail, "at": time.time()})
+            db.execute("UPDATE runs SET phases = ? WHERE id = ?", (json.dumps(phases), run_id))
 
     def finish(self, run_id: str, status: str, error: str | None = None, summary: dict | None = None) -> None:
         assert status in FINISHED
@@ -227,4 +251,5 @@ def _run(row: sqlite3.Row) -> Run:
     values = dict(row)
     for key in ("config", "estimate", "summary"):
         values[key] = json.loads(values[key]) if values[key] else ({} if key == "config" else None)
+    values["phases"] = json.loads(values["phases"] or "[]")
     return Run(**values)

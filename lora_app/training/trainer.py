@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,12 @@ from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PretrainedConfig
 
-from lora_app.data import collate, prepare_dataset
+from lora_app.data import PreparedData, PromptFormat, collate, prepare_dataset
 from lora_app.errors import DataError, ModelLoadError, TrainConfigError, TrainingError
 from lora_app.hardware import choose_precision
 from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
+from lora_app.model_source import base_model_id
 from lora_app.models import default_device, load_config, load_model, load_tokenizer
 from lora_app.paths import write_json
 from lora_app.training.batches import StepPlan
@@ -48,6 +50,7 @@ from lora_app.training.preflight import (DATA_CHECK_ROWS, DATA_SETTINGS, check_o
                                          latest_checkpoint, quick_problems)
 
 ADAPTER = "default"
+SPEED_WINDOW = 10  # steps the live tokens/s and ETA are measured over (evaluation and saving not counted)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Callbacks:
     on_log: Callable[[int, dict], None] = lambda step, values: None
     should_stop: Callable[[], bool] = lambda: False            # a graceful cancel: checkpoint, then stop
     log: Callable[[str], None] = print
+    on_phase: Callable[[str, str], None] = lambda phase, detail: None  # store.PHASES, and what it found
 
 
 @dataclass
@@ -105,10 +109,15 @@ def preflight(config: TrainConfig) -> Checked:
 def _check_data(config: TrainConfig) -> None:
     """Tokenize the first rows as the run will: a row too long, a template that does not fit, ... are
     found before any weights load (the run reads them all, and reports rows it had to skip)."""
-    c = config
-    prepare_dataset(c.data, load_tokenizer(c.model, c.trust_remote_code), format=c.data_format, mapping=c.data_mapping,
-                    template=c.template, seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
-                    val_fraction=c.val_fraction, val_data=c.val_data, seed=c.seed, limit=DATA_CHECK_ROWS)
+    prepare(config, load_tokenizer(config.model, config.trust_remote_code), limit=DATA_CHECK_ROWS)
+
+
+def prepare(c: TrainConfig, tokenizer, limit: int | None = None) -> PreparedData:
+    """The run's data as its settings say (the first ``limit`` rows only, for a check)."""
+    return prepare_dataset(c.data, tokenizer, format=c.data_format, mapping=c.data_mapping, template=c.template,
+                           seq_len=c.seq_len, train_on_prompt=c.train_on_prompt, system=c.system(),
+                           packing=c.batching == "packed", val_fraction=c.val_fraction, val_data=c.val_data,
+                           seed=c.seed, limit=limit)
 
 
 # ---- the model with its loss --------------------------------------------------------------------
@@ -157,8 +166,11 @@ class Recipe:
 
     def __init__(self, config: TrainConfig, callbacks: Callbacks, checked: Checked):
         self.config, self.cb, self.output = config, callbacks, checked.output
-        self._setup_data()
         self.precision = choose_precision(config.precision, torch.device(default_device()).type)
+        self.cb.log(f"run: model {base_model_id(config.model)} · data {Path(config.data).name} · {config.variant} "
+                    f"r={config.rank} α={config.alpha:g} · {self.precision.name} on {default_device()} "
+                    f"({self.precision.reason}) · folder {self.output}")
+        self._setup_data()
         # accelerate keeps one precision per process; a second run in the same process (a benchmark, the
         # tests) may want another. The distributed state (PartialState) is kept.
         AcceleratorState._reset_state()
@@ -170,8 +182,8 @@ class Recipe:
         self._setup_plan()
         self.estimate = estimate_memory(config, checked.model_config, self.device.type, self.precision,
                                         tokens=self.plan.largest_micro_batch())
-        self.cb.log(f"precision {self.precision.name}: {self.precision.reason}")
         self.cb.log(f"memory estimate: {self.estimate['total_bytes'] / 2**30:.2f} GiB")
+        self.cb.on_phase("loading model", base_model_id(config.model))
         self._setup_model()
         self._setup_optimizer()
         # The scheduler stays unprepared: accelerate would step it once per process, but our step count
@@ -187,11 +199,14 @@ class Recipe:
     # -- setup ----------------------------------------------------------------------------------
     def _setup_data(self) -> None:
         c = self.config
+        self.cb.on_phase("preparing data", Path(c.data).name)
         self.tokenizer = load_tokenizer(c.model, c.trust_remote_code)
-        self.data = prepare_dataset(c.data, self.tokenizer, format=c.data_format, mapping=c.data_mapping,
-                                    template=c.template, seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
-                                    packing=c.batching == "packed", val_fraction=c.val_fraction, val_data=c.val_data,
-                                    seed=c.seed)
+        self.data = prepare(c, self.tokenizer)
+        tokens = sum(len(example["input_ids"]) for example in self.data.train)
+        self.cb.on_phase("preparing data", f"{self.data.report.train_rows:,} rows, {tokens:,} tokens")
+        template = self.data.template
+        # chat renders prompts as training did; raw text has no prompt to render
+        self.prompt_format = PromptFormat(template.name, template.source, c.system()) if template.source else None
         r = self.data.report
         self.cb.log(f"data: {r.train_rows} training rows, {r.val_rows} validation rows "
                     f"({r.format}, template {r.template}, {r.truncated} truncated)")
@@ -243,10 +258,16 @@ class Recipe:
         self._start()
         status = "completed"
         self.loss_model.train()
-        self.started = self.window_start = time.perf_counter()
-        self.first_step, self.window_tokens = self.step, 0
+        self.started = time.perf_counter()
+        self.first_step = self.step
+        self.recent = deque(maxlen=SPEED_WINDOW)  # (seconds, tokens) of the last steps: the live speed
+        self.cb.on_phase("first step", "")
         while self.step < self.total_steps:
-            loss, grad_norm = self._loss_step()
+            began = time.perf_counter()
+            loss, grad_norm, tokens = self._loss_step()
+            self.recent.append((time.perf_counter() - began, tokens))
+            if self.step == self.first_step + 1:
+                self.cb.on_phase("training", "")
             if self._after_step(loss, grad_norm):
                 status = "cancelled"
                 break
@@ -268,8 +289,9 @@ class Recipe:
         self.cb.log(f"training {self.trainable:,} of {self.total:,} parameters for {self.total_steps} steps "
                     f"({self.precision.name}, {self.device})")
 
-    def _loss_step(self) -> tuple[float, torch.Tensor | float]:
-        """One optimizer step over its micro-batches; the loss is the mean over the step's labelled tokens."""
+    def _loss_step(self) -> tuple[float, torch.Tensor | float, int]:
+        """One optimizer step over its micro-batches: (the loss, the mean over the step's labelled
+        tokens; the gradient norm; the labelled tokens)."""
         batches = [collate([self.data.train[i] for i in chunk], self.pad_id)
                    for chunk in self.plan.micro_batches(self.step)]
         tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -292,8 +314,7 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.train_tokens += tokens
-        self.window_tokens += tokens
-        return step_loss, grad_norm
+        return step_loss, grad_norm, tokens
 
     def _after_step(self, loss: float, grad_norm) -> bool:
         """Metrics, evaluation, checkpoints and a cancel after each step; True when the run must stop."""
@@ -308,27 +329,30 @@ class Recipe:
         eval_loss = self._evaluate() if c.eval_every and step % c.eval_every == 0 and not last else None
         self.eval_loss = eval_loss if eval_loss is not None else self.eval_loss
         if step % c.log_every == 0 or last or stop:
+            seconds, tokens = (sum(values) for values in zip(*self.recent))
             values = dict(loss=loss, lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                          tokens=self.train_tokens,
-                          tokens_per_second=self.window_tokens / max(now - self.window_start, 1e-9), elapsed=wall,
-                          eta=(now - self.started) / max(step - self.first_step, 1) * (self.total_steps - step),
+                          tokens=self.train_tokens, tokens_per_second=tokens / max(seconds, 1e-9), elapsed=wall,
+                          eta=seconds / len(self.recent) * (self.total_steps - step),
                           epoch=step / self.plan.steps_per_epoch, **memory_now(self.device))
             if eval_loss is not None:
                 values["eval_loss"] = eval_loss
             self.cb.on_log(step, values)
-            self.window_tokens, self.window_start = 0, now
         cancel = stop and not last
         # with checkpoints asked for, the last step has one too: a finished run can be trained further
-        if cancel or (c.save_every and (step % c.save_every == 0 or last)):
+        checkpoint = cancel or (c.save_every and (step % c.save_every == 0 or last))
+        if checkpoint:
             self._checkpoint(wall)
         if cancel:
             self.cb.log(f"cancelled: checkpoint saved at step {step}; resume to continue")
+        elif (eval_loss is not None or checkpoint) and not last:
+            self.cb.on_phase("training", "")
         return cancel
 
     def _evaluate(self) -> float | None:
         """Mean loss per labelled token over the validation set; None without one."""
         if not self.data.val:
             return None
+        self.cb.on_phase("evaluating", f"{len(self.data.val)} validation rows")
         self.loss_model.eval()
         total, count, size = 0.0, 0, self.config.batch_size
         with torch.no_grad(), self.accelerator.autocast():
@@ -340,6 +364,7 @@ class Recipe:
         return total / max(count, 1)
 
     def _checkpoint(self, wall: float) -> None:
+        self.cb.on_phase("saving", f"checkpoint at step {self.step}")
         self.accelerator.wait_for_everyone()
         if self.main:
             save_checkpoint(self.output / "checkpoints" / f"checkpoint-{self.step}", self.model, ADAPTER,
@@ -355,9 +380,12 @@ class Recipe:
                 self.cb.on_log(self.step, dict(eval_loss=self.eval_loss))
             if self.delta is not None:
                 self.delta.remove()
+            self.cb.on_phase("saving", "the adapter")
             self.accelerator.wait_for_everyone()
             if self.main:
                 save_adapter(self.model, ADAPTER, self.output / "adapter")
+                if self.prompt_format is not None:
+                    self.prompt_format.save(self.output / "adapter")
         peak = memory_now(self.device)
         summary = dict(status=status, final_loss=self.last_loss, eval_loss=self.eval_loss,
                        steps=self.step, total_steps=self.total_steps, train_tokens=self.train_tokens,

@@ -65,6 +65,7 @@ def _start(store: RunStore, run: Run) -> None:
                                    start_new_session=True, cwd=Path(__file__).resolve().parents[2],
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     store.update(run.id, pid=process.pid)
+    store.enter_phase(run.id, "starting", "loading the training libraries")
 
 
 def cancel(run_id: str, store: RunStore | None = None) -> Run:

@@ -11,6 +11,7 @@ import re
 import threading
 from pathlib import Path
 
+from lora_app.data import PromptFormat, SystemPrompt
 from lora_app.errors import AdapterNameTaken, UserError
 from lora_app.inference import InferenceEngine, Mode
 from lora_app.ui.common import run_store
@@ -82,6 +83,37 @@ def resolve(base, choice: str) -> str:
         return base.load_adapter(run.adapter_path, name=adapter_name(run))
     except AdapterNameTaken:  # another run of the same name: tell them apart by the run id
         return base.load_adapter(run.adapter_path, name=f"{adapter_name(run)}-{run.id[-6:]}")
+
+
+def adapter_folder(choice: str) -> Path | None:
+    """The folder of a chosen adapter (None when it is gone)."""
+    kind, _, value = (choice or "").partition(":")
+    if kind == "run":
+        return run_store().get(value).adapter_path
+    eng = engine()
+    for key in eng.loaded():
+        for info in eng.base(key.model, key.quantization, device=key.device).adapters():
+            if info.name == value:
+                return Path(info.folder)
+    return None
+
+
+def trained_system(choices: list[str] | None) -> tuple[SystemPrompt, str]:
+    """The system prompt the first chosen adapter was trained with, and a line saying so (the page
+    fills the chat's system prompt with it: chat then sees what training saw)."""
+    for choice in choices or []:
+        folder = adapter_folder(choice)
+        found = PromptFormat.load(folder) if folder is not None else None
+        if found is not None:
+            system = found.system
+            if system.text is not None:
+                said = f"the system prompt it was trained with: “{system.text}”"
+            elif system.use_default:
+                said = "no system prompt of its own (the template's default, as in training)"
+            else:
+                said = "no system prompt, and not the template's default (as in training)"
+            return system, f"System prompt set to {said}; change it below."
+    return SystemPrompt(), ""
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:

@@ -12,10 +12,12 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from lora_app.data import DEMO_DATASET
 from lora_app.ui import adapters, chat_tab, compare_tab, data_tab, model_tab, runs_tab, train_tab
 from lora_app.training.store import default_root
-from lora_app.ui.common import friendly, run_store
+from lora_app.ui.common import browser_secret, friendly, run_store
 from lora_app.ui.space import device_summary
+from lora_app.ui.data_tab import datasets_dir
 from lora_app.ui.form import FIELDS
 
 CSS = (Path(__file__).with_name("style.css")).read_text()
@@ -31,8 +33,9 @@ def build_app() -> gr.Blocks:
     ui = SimpleNamespace(form={})
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.HTML(header_markdown(), elem_id="header")
-        # the chosen dataset survives a page reload (it lives in the browser's local storage)
-        ui.data_path = gr.BrowserState(None, storage_key="lora_studio_dataset")
+        # the dataset and the form survive a reload and a restart of the studio: the browser keeps them
+        ui.data_path = gr.BrowserState(None, storage_key="lora_studio_dataset", secret=browser_secret())
+        ui.saved_form = gr.BrowserState(None, storage_key="lora_studio_form", secret=browser_secret())
         with gr.Tabs(elem_id="tabs") as ui.tabs:
             with gr.Tab("1 · Data", id="data"):
                 data_tab.build(ui)
@@ -56,29 +59,34 @@ def wire(demo: gr.Blocks, ui) -> None:
     f = ui.form
 
     # -- data --
-    preview_inputs = [ui.data_path, f["model"], f["data_format"], ui.mapping, f["template"], f["train_on_prompt"],
-                      f["seq_len"], f["batching"], f["batch_size"], f["val_fraction"]]
+    preview_inputs = [ui.data_path, *(f[name] for name in data_tab.PREVIEW_FIELDS)]
     preview_outputs = [ui.preview_status, ui.preview_html, ui.length_plot]
     preview = dict(fn=data_tab.preview, inputs=preview_inputs, outputs=preview_outputs, trigger_mode="always_last")
+    dataset = [ui.data_path, ui.data_file, ui.data_status]
+    form_view = [*form, ui.model_about]
     ui.data_file.upload(friendly(data_tab.on_upload), ui.data_file, [ui.data_path, ui.data_status]).then(**preview)
     ui.data_file.clear(lambda: (None, "No dataset yet.", "", "", None), None,
                        [ui.data_path, ui.data_status, ui.preview_status, ui.preview_html, ui.length_plot])
-    ui.demo_button.click(friendly(data_tab.use_demo), None, [ui.data_path, ui.data_status]).then(**preview)
-    demo.load(friendly(data_tab.restore), ui.data_path, [ui.data_path, ui.data_status]).then(**preview)
+    ui.demo_button.click(friendly(data_tab.use_demo), None, dataset).then(**preview)
+    # one chain, so the preview sees the restored settings
+    demo.load(model_tab.restore_form, ui.saved_form, form_view).then(
+        friendly(data_tab.restore), ui.data_path, dataset).then(**preview)
+    gr.on([c.change for c in form], model_tab.remember_form, form, ui.saved_form, trigger_mode="always_last",
+          show_progress="hidden")
     gr.on([f["data_format"].input, f["template"].input, f["train_on_prompt"].input, ui.mapping.submit, ui.mapping.blur,
-           f["seq_len"].blur, f["batching"].input, f["batch_size"].blur, f["val_fraction"].blur, f["model"].change],
-         **preview)
+           f["system_prompt"].submit, f["system_prompt"].blur, f["default_system_prompt"].input, f["seq_len"].blur,
+           f["batching"].input, f["batch_size"].blur, f["val_fraction"].blur, f["model"].change], **preview)
 
     # -- model & LoRA --
-    f["model"].change(model_tab.inspect_model, f["model"], [f["targets"], ui.model_about])
-    demo.load(model_tab.inspect_model, f["model"], [f["targets"], ui.model_about])
+    # a model picked by hand (restored or loaded settings bring their own target modules)
+    f["model"].input(model_tab.inspect_model, f["model"], [f["targets"], ui.model_about])
     gr.on([f["rank"].change, f["alpha"].change, f["variant"].change], model_tab.alpha_ratio,
           [f["rank"], f["alpha"], f["variant"]], ui.alpha_ratio, show_progress="hidden")
     gr.on([c.change for c in form] + [ui.data_path.change, demo.load], model_tab.summarize, [ui.data_path, *form],
           [ui.estimate, ui.cli, ui.train_summary], trigger_mode="always_last", show_progress="hidden")
     ui.save_config.click(model_tab.save_config, [ui.data_path, *form], ui.saved_config).then(
         lambda: gr.update(visible=True), None, ui.saved_config)
-    ui.config_file.upload(model_tab.load_config_file, ui.config_file, [*form, ui.config_status])
+    ui.config_file.upload(model_tab.load_config_file, ui.config_file, [*form_view, ui.config_status])
 
     # -- train --
     ui.start.click(friendly(train_tab.start_run), [ui.run_name, ui.data_path, *form], [ui.train_status, ui.watch],
@@ -100,6 +108,8 @@ def wire(demo: gr.Blocks, ui) -> None:
           ui.runs_details)
     ui.runs_chat.click(friendly(chat_with_run), ui.runs_pick,
                        [ui.tabs, ui.chat_model, ui.chat_mode, ui.chat_adapters, ui.chat_status])
+    ui.runs_load.click(friendly(runs_tab.load_settings), ui.runs_pick, [*form_view, *dataset, ui.tabs, ui.config_status]
+                       ).then(**preview)
     ui.runs_zip.click(friendly(runs_tab.zip_run), ui.runs_pick, ui.runs_file).then(
         lambda: gr.update(visible=True), None, ui.runs_file)
     ui.runs_merge.click(friendly(runs_tab.export_merged), ui.runs_pick, ui.runs_status)
@@ -116,6 +126,10 @@ def wire(demo: gr.Blocks, ui) -> None:
                            outputs=ui.cmp_adapters, show_progress="hidden")
     gr.on([ui.chat_tab.select, ui.chat_model.input], **refresh_chat)
     gr.on([ui.compare_tab.select, ui.chat_model.input], **refresh_compare)
+    ui.chat_adapters.change(friendly(chat_tab.trained_system), ui.chat_adapters,
+                            [ui.chat_system, ui.chat_default_system, ui.chat_status], show_progress="hidden")
+    ui.cmp_adapters.change(friendly(chat_tab.trained_system), ui.cmp_adapters,
+                           [ui.cmp_system, ui.cmp_default_system, ui.cmp_note], show_progress="hidden")
     chat_inputs = [ui.chat_input, ui.chatbot, ui.chat_model, ui.chat_mode, ui.chat_adapters, ui.chat_weights,
                    *ui.chat_settings]
     gr.on([ui.chat_send.click, ui.chat_input.submit], chat_tab.respond, chat_inputs,
@@ -124,7 +138,7 @@ def wire(demo: gr.Blocks, ui) -> None:
     ui.chat_clear.click(lambda: ([], ""), None, [ui.chatbot, ui.chat_status])
     ui.cmp_run.click(friendly(compare_tab.run_compare),
                      [ui.cmp_prompt, ui.chat_model, ui.cmp_adapters, ui.cmp_base, ui.cmp_mix, ui.cmp_system,
-                      ui.cmp_temperature, ui.cmp_max_tokens, ui.cmp_seed], ui.cmp_out,
+                      ui.cmp_default_system, ui.cmp_temperature, ui.cmp_max_tokens, ui.cmp_seed], ui.cmp_out,
                      concurrency_id="generate", concurrency_limit=2)
 
 
@@ -145,4 +159,6 @@ def launch(demo: gr.Blocks | None = None, **kwargs):
     """Start the server (theme and CSS are launch options in Gradio 6)."""
     demo = demo or build_app()
     demo.queue(default_concurrency_limit=4)
-    return demo.launch(theme=THEME, css=CSS, **kwargs)
+    # the upload box shows the dataset in use: stored uploads and the demo file may be served
+    allowed = [str(datasets_dir()), str(DEMO_DATASET.parent)]
+    return demo.launch(theme=THEME, css=CSS, allowed_paths=allowed, **kwargs)

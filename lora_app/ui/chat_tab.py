@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import gradio as gr
 
+from lora_app.data import SystemPrompt
 from lora_app.inference import GenerationSettings
 from lora_app.ui import adapters
 from lora_app.ui.common import explain
 from lora_app.ui.form import start_model
-
 
 
 def generation_settings(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed):
@@ -34,8 +34,22 @@ def refresh_adapters(model, current):
     return gr.update(choices=choices, value=kept) if len(kept) != len(current or []) else gr.update(choices=choices)
 
 
-def respond(message, history, model, kind, choices, weights, system, temperature, top_p, top_k, max_new_tokens,
-            repetition_penalty, seed):
+def trained_system(choices):
+    """(system prompt box, template-default switch, status line) for the chosen adapters; left as they
+    are when no chosen adapter says how it was trained."""
+    system, said = adapters.trained_system(choices)
+    if not said:
+        return gr.skip(), gr.skip(), gr.skip()
+    return system.text or "", system.use_default, said
+
+
+def system_prompt(text, use_default) -> SystemPrompt:
+    """The page's system prompt box and template-default switch as one ``SystemPrompt``."""
+    return SystemPrompt((text or "").strip() or None, bool(use_default))
+
+
+def respond(message, history, model, kind, choices, weights, system, use_default, temperature, top_p, top_k,
+            max_new_tokens, repetition_penalty, seed):
     """Stream the reply: yields (chat history, textbox value, status line). Errors end up in the status
     line and the history is left as it was, so the conversation can go on."""
     history = list(history or [])
@@ -47,7 +61,8 @@ def respond(message, history, model, kind, choices, weights, system, temperature
         yield history + [{"role": "user", "content": message}], "", "Loading the model…"
         base = adapters.base_for(model, None)
         mode = adapters.mode_for(base, kind, choices, weights)
-        stream = base.stream(message, history=history, system=system or None, settings=settings, mode=mode)
+        stream = base.stream(message, history=history, system=system_prompt(system, use_default), settings=settings,
+                             mode=mode)
         reply = ""
         shown = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         for piece in stream:
@@ -72,6 +87,16 @@ def undo(history):
     return history
 
 
+def system_widgets(prefix: str):
+    """The system prompt box and the template-default switch (Chat and Compare), filled from the
+    chosen adapter's training."""
+    text = gr.Textbox(label="System prompt", lines=2, placeholder="empty: none of your own",
+                      elem_id=f"{prefix}-system")
+    default = gr.Checkbox(value=True, label="Template's default system prompt where none is set",
+                          elem_id=f"{prefix}-default-system")
+    return text, default
+
+
 def build(ui) -> None:
     with gr.Row():
         with gr.Column(scale=3):
@@ -93,8 +118,8 @@ def build(ui) -> None:
                                     info="switch any time; the conversation stays")
             ui.chat_adapters = gr.Dropdown([], value=[], multiselect=True, label="Adapters", elem_id="chat-adapters")
             ui.chat_weights = gr.Textbox(label="Mix weights", placeholder="e.g. 0.7, 0.3 (empty: 1 each)")
+            ui.chat_system, ui.chat_default_system = system_widgets("chat")
             with gr.Accordion("Generation settings", open=False):
-                ui.chat_system = gr.Textbox(label="System prompt", lines=2)
                 with gr.Row():
                     ui.chat_temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                     ui.chat_max_tokens = gr.Slider(8, 1024, value=200, step=8, label="Max new tokens")
@@ -104,6 +129,6 @@ def build(ui) -> None:
                 with gr.Row():
                     ui.chat_rep = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty")
                     ui.chat_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-    ui.chat_settings = [ui.chat_system, ui.chat_temperature, ui.chat_top_p, ui.chat_top_k, ui.chat_max_tokens,
+    ui.chat_settings = [ui.chat_system, ui.chat_default_system, ui.chat_temperature, ui.chat_top_p, ui.chat_top_k, ui.chat_max_tokens,
                         ui.chat_rep, ui.chat_seed]
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import secrets
+import tempfile
 import threading
 
 import gradio as gr
@@ -17,6 +20,7 @@ import torch
 
 from lora_app.errors import UserError
 from lora_app.models import load_config, load_tokenizer
+from lora_app.paths import app_home
 from lora_app.training.store import RunStore, default_root
 
 log = logging.getLogger("lora_app.ui")
@@ -102,6 +106,18 @@ def run_store():
         if root not in _stores:
             _stores[root] = RunStore(root)
         return _stores[root]
+
+
+def browser_secret() -> str:
+    """The key the page's saved state is encrypted with in the browser, kept in the app home so that the
+    state survives a restart of the studio (Gradio's default key is new on every start)."""
+    path = app_home() / "browser_state.key"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=path.parent)  # mode 0600: other users must not read a secret
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16))
+        os.replace(tmp, path)
+    return path.read_text().strip()
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,7 +8,7 @@ import html
 import gradio as gr
 
 from lora_app.ui import adapters
-from lora_app.ui.chat_tab import generation_settings
+from lora_app.ui.chat_tab import generation_settings, system_prompt, system_widgets
 from lora_app.errors import UserError
 
 
@@ -21,7 +21,8 @@ def columns_html(columns: list[tuple[str, str | None, str]]) -> str:
     return f"<div class='lora-compare'>{''.join(cells)}</div>"
 
 
-def run_compare(prompt, model, choices, include_base, mix_weights, system, temperature, max_new_tokens, seed):
+def run_compare(prompt, model, choices, include_base, mix_weights, system, use_default, temperature, max_new_tokens,
+                seed):
     """Yield the comparison grid as columns finish."""
     if not prompt or not prompt.strip():
         raise UserError("Type a prompt to compare.")
@@ -39,7 +40,8 @@ def run_compare(prompt, model, choices, include_base, mix_weights, system, tempe
     labels = (["base"] if include_base else []) + names + (["mix"] if mix else [])
     done: list[tuple[str, str, str]] = []
     yield columns_html([(label, None, "") for label in labels])
-    for result in base.iter_compare(prompt, names, mix=mix, include_base=bool(include_base), system=system or None,
+    for result in base.iter_compare(prompt, names, mix=mix, include_base=bool(include_base),
+                                    system=system_prompt(system, use_default),
                                     settings=settings):
         g = result.generation
         done.append((result.label, result.text, f"{g.new_tokens} tokens · {g.tokens_per_s:.1f} tok/s"))
@@ -59,7 +61,9 @@ def build(ui) -> None:
                 ui.cmp_mix = gr.Textbox(label="Add a mix column (weights)", placeholder="e.g. 0.5, 0.5")
     with gr.Accordion("Settings (the same for every column)", open=False):
         with gr.Row():
-            ui.cmp_system = gr.Textbox(label="System prompt", scale=2)
+            with gr.Column(scale=2):
+                ui.cmp_system, ui.cmp_default_system = system_widgets("compare")
+                ui.cmp_note = gr.Markdown(elem_id="compare-note")
             ui.cmp_temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             ui.cmp_max_tokens = gr.Slider(8, 512, value=128, step=8, label="Max new tokens")
             ui.cmp_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")

@@ -16,7 +16,7 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from lora_app.data import DEMO_DATASET, DataError, preview_dataset
-from lora_app.paths import app_home
+from lora_app.paths import app_home, atomic_file
 from lora_app.training.batches import padding_share
 from lora_app.training.config import BATCHINGS
 from lora_app.ui.common import friendly, tokenizer_for
@@ -32,7 +32,8 @@ def datasets_dir() -> Path:
 
 
 def import_dataset(path: str | None) -> str | None:
-    """Copy an uploaded file to ``datasets/<hash>-<name>`` (the same content is stored once)."""
+    """Copy an uploaded file to ``datasets/<content hash>/<its name>``: the same content is stored once,
+    and the file keeps the name the user knows."""
     if not path:
         return None
     source = Path(path)
@@ -40,16 +41,14 @@ def import_dataset(path: str | None) -> str | None:
     with open(source, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    target = datasets_dir() / f"{digest.hexdigest()[:12]}-{source.name}"
+    target = datasets_dir() / digest.hexdigest()[:12] / source.name
     if not target.exists():
-        tmp = target.with_suffix(target.suffix + ".part")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        atomic_file(target, lambda tmp: shutil.copyfile(source, tmp))
     return str(target)
 
 
 def dataset_label(path: str | None) -> str:
-    """The file name the user knows: stored copies carry a 12-character content hash prefix."""
+    """The file name the user knows (copies stored by earlier versions carry a ``<hash>-`` prefix)."""
     if not path:
         return ""
     name = Path(path).name
@@ -71,20 +70,21 @@ def length_histogram(lengths, seq_len: int):
     return fig
 
 
+# the settings the preview depends on, in the order ``preview`` takes them after the dataset
+PREVIEW_FIELDS = ("model", "data_format", "data_mapping", "template", "system_prompt", "default_system_prompt",
+                  "train_on_prompt", "seq_len", "batching", "batch_size", "val_fraction")
+
+
 @friendly
-def preview(data_path, model, data_format, mapping_text, template, train_on_prompt, seq_len, batching, batch_size,
-            val_fraction):
-    """(status markdown, preview html, histogram) for the current file and settings."""
+def preview(data_path, *values):
+    """(status markdown, preview html, histogram) for the current file and the PREVIEW_FIELDS settings."""
     if not data_path:
         return "Upload a dataset or use the demo dataset to see a preview.", "", None
-    values = dict(model=model, data_format=data_format, data_mapping=mapping_text, template=template,
-                  train_on_prompt=train_on_prompt, seq_len=seq_len, batching=batching, batch_size=batch_size,
-                  val_fraction=val_fraction)
-    c = config_from_values({k: v for k, v in values.items() if v is not None})
+    c = config_from_values({k: v for k, v in zip(PREVIEW_FIELDS, values) if v is not None})
     try:
         result = preview_dataset(data_path, tokenizer_for(c.model), format=c.data_format, mapping=c.data_mapping,
                                  template=c.template, train_on_prompt=bool(c.train_on_prompt), seq_len=int(c.seq_len),
-                                 packing=c.batching == "packed", val_fraction=float(c.val_fraction))
+                                 system=c.system(), packing=c.batching == "packed", val_fraction=float(c.val_fraction))
     except DataError as err:
         # the message names the stored copy (hash-prefixed); show the name the user uploaded
         message = str(err).replace(Path(data_path).name, dataset_label(data_path))
@@ -107,10 +107,12 @@ def padding_line(lengths: list[int], config) -> str:
                          for name, share in shares))
 
 
-def use_demo() -> tuple[str, str]:
+def use_demo() -> tuple[str, str, str]:
+    """(dataset path, file box, status line) for the demo dataset."""
     if not Path(DEMO_DATASET).exists():
         raise gr.Error("The demo dataset is missing from this installation (assets/).")
-    return str(DEMO_DATASET), f"Using the demo dataset **{Path(DEMO_DATASET).name}**: a pirate persona, Captain Byte."
+    path = str(DEMO_DATASET)
+    return path, path, f"Using the demo dataset **{Path(DEMO_DATASET).name}**: a pirate persona, Captain Byte."
 
 
 def on_upload(file):
@@ -121,11 +123,13 @@ def on_upload(file):
     return path, f"Uploaded **{Path(file).name}**."
 
 
-def restore(path):
-    """After a reload: the dataset chosen last time, if its file is still there."""
+def restore(path, why: str = "chosen before the page was reloaded"):
+    """A dataset chosen earlier, if its file is still there: (dataset path, file box, status line)."""
     if path and Path(path).is_file():
-        return path, f"Using **{dataset_label(path)}** (chosen before the page was reloaded)."
-    return None, "No dataset yet."
+        return path, path, f"Using **{dataset_label(path)}** ({why})."
+    if path:
+        return None, None, f"**{dataset_label(path)}** is no longer there ({why}); upload it again."
+    return None, None, "No dataset yet."
 
 
 def build(ui) -> None:
@@ -137,8 +141,11 @@ def build(ui) -> None:
             ui.data_file = gr.File(label="Dataset file", file_types=FILE_TYPES, height=150, elem_id="data-file")
             ui.demo_button = gr.Button("Use the demo dataset (Captain Byte)", size="sm", elem_id="use-demo")
             ui.data_status = gr.Markdown("No dataset yet.", elem_id="data-status")
+            d = form_values(default_config())
+            ui.form["system_prompt"] = widget("system_prompt", d["system_prompt"], lines=2, elem_id="system-prompt")
+            ui.form["default_system_prompt"] = widget("default_system_prompt", d["default_system_prompt"],
+                                                      elem_id="default-system-prompt")
             with gr.Accordion("Format and column mapping", open=False):
-                d = form_values(default_config())
                 ui.form["data_format"] = widget("data_format", d["data_format"])
                 ui.mapping = ui.form["data_mapping"] = gr.Textbox(
                     label="Column mapping (field=column, ...)", placeholder="prompt=question, completion=answer",

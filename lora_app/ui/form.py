@@ -38,6 +38,12 @@ def _unset_number(name: str) -> bool:
     return optional(f) and value_type(f) in (int, float)
 
 
+def _unset_text(name: str) -> bool:
+    """A text setting that may be unset: blank on the page."""
+    f = SETTINGS[name]
+    return optional(f) and value_type(f) is str and f.metadata["choices"] is None and name != "model"
+
+
 def _unset_choice(name: str) -> bool:
     """A choice that may be unset: "auto" on the page."""
     f = SETTINGS[name]
@@ -70,6 +76,8 @@ def form_values(config: TrainConfig) -> dict:
             value = value or 0
         elif _unset_choice(name):
             value = value or AUTO
+        elif _unset_text(name):
+            value = value or ""
         values[name] = value
     return values
 
@@ -91,7 +99,8 @@ def config_from_values(values: dict, base: TrainConfig | None = None) -> TrainCo
             value = (value or "default").strip()
         elif value_type(SETTINGS[name]) is int and isinstance(value, float) and value.is_integer():
             value = int(value)  # gr.Number hands back floats
-        if (_unset_number(name) and not value) or (_unset_choice(name) and value in (None, "", AUTO)):
+        if ((_unset_number(name) and not value) or (_unset_choice(name) and value in (None, "", AUTO))
+                or (_unset_text(name) and not (value or "").strip())):
             value = None
         setattr(config, name, value)
     return config
@@ -120,6 +129,9 @@ def widget(name: str, value, *, slider: tuple | None = None, **layout):
     if meta["choices"] is not None:
         choices = ([AUTO] if optional(f) else []) + list(meta["choices"])
         return gr.Dropdown(choices, value=value, label=text, info=info, **layout)
+    if kind is str:
+        placeholder = f"empty: {meta['unset']}" if meta["unset"] else None
+        return gr.Textbox(value=value, label=text, info=meta["help"], placeholder=placeholder, **layout)
     if slider:
         lo, hi, step = slider
         return gr.Slider(lo, hi, value=value, step=step, label=text, info=meta["help"], **layout)

@@ -125,26 +125,48 @@ def save_config(data_path, *values) -> str:
     return str(path)
 
 
+def form_updates(config: TrainConfig) -> list:
+    """One update per FIELDS widget to show ``config``, then the model's description. The target boxes
+    list the model's layers, with the architecture's defaults ticked when ``config`` names none."""
+    values = form_values(config)
+    try:
+        names, defaults, about = model_layers(config.model)
+    except Exception as err:  # a model that cannot be read now (offline, moved): the settings still load
+        names, defaults, about = values["targets"], [], f"**Cannot read this model:** {explain(err)}"
+    if not values["targets"] and not values["all_linear"]:
+        values["targets"] = defaults
+    targets = gr.update(choices=sorted(set(names) | set(values["targets"])), value=values["targets"])
+    return [targets if name == "targets" else values[name] for name in FIELDS] + [about]
+
+
+def settings_of(stored: dict) -> TrainConfig:
+    """The page defaults overridden by ``stored`` settings (a run's, a file's), minus where the run lives."""
+    config = default_config()
+    for key, value in TrainConfig.from_dict(stored).to_dict().items():
+        if key not in ("output", "resume", "data"):
+            setattr(config, key, value)
+    return config
+
+
 @friendly
 def load_config_file(path):
-    """Form values from an uploaded YAML/JSON config: one update per field, plus a status line."""
+    """Form values from an uploaded YAML/JSON config: one update per field, the model's description and
+    a status line."""
     if not path:
         raise UserError("Choose a YAML or JSON config file first.")
-    loaded = TrainConfig.from_file(path)
-    config = default_config()
-    for key, value in loaded.to_dict().items():
-        if key in ("output", "resume", "data"):
-            continue
-        setattr(config, key, value)
-    values = form_values(config)
-    updates = []
-    for name in FIELDS:
-        if name == "targets" and values[name]:
-            names, _, _ = model_layers(config.model)
-            updates.append(gr.update(choices=sorted(set(names) | set(values[name])), value=values[name]))
-        else:
-            updates.append(values[name])
-    return (*updates, f"Loaded settings from **{Path(path).name}**.")
+    return (*form_updates(settings_of(TrainConfig.from_file(path).to_dict())),
+            f"Loaded settings from **{Path(path).name}**.")
+
+
+def restore_form(saved):
+    """The form as this browser last left it (``saved``: widget values by FIELDS name), else the page
+    defaults: one update per field, then the model's description."""
+    return form_updates(config_from_values(saved) if saved else default_config())
+
+
+def remember_form(*values) -> dict:
+    """What the browser keeps of the form (restored by ``restore_form`` after a reload or a restart)."""
+    return dict(zip(FIELDS, values))
 
 
 def build(ui) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_app.ui import adapters
+from lora_app.ui import adapters, data_tab, model_tab
 from lora_app.errors import RunNotFound, UserError
 from lora_app.inference import zip_adapter
 from lora_app.training.config import TrainConfig
@@ -174,6 +174,17 @@ def refresh(selected, other):
             run_details(selected, other))
 
 
+def load_settings(run_id):
+    """A past run's settings back on the form, its dataset included: the form's updates, the model's
+    description, (dataset path, file box, data status), the tab to show and a status line."""
+    if not run_id:
+        raise UserError("Pick a run first.")
+    run = run_store().get(run_id)
+    form = model_tab.form_updates(model_tab.settings_of(run.config))
+    data = data_tab.restore(run.config.get("data"), f"the dataset of run {run.name}")
+    return (*form, *data, gr.update(selected="model"), f"Loaded the settings of run **{run.name}**.")
+
+
 def build(ui) -> None:
     with gr.Row():
         ui.runs_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
@@ -185,6 +196,7 @@ def build(ui) -> None:
         ui.runs_other = gr.Dropdown([], label="Compare settings with", info="empty: the CLI defaults", scale=2)
     with gr.Row():
         ui.runs_chat = gr.Button("Chat with this adapter", variant="primary", size="sm")
+        ui.runs_load = gr.Button("Load its settings", size="sm", elem_id="runs-load")
         ui.runs_zip = gr.Button("Download adapter (.zip)", size="sm")
         ui.runs_merge = gr.Button("Export merged model", size="sm")
         ui.runs_delete = gr.Button("Delete…", variant="stop", size="sm")

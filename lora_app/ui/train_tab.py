@@ -130,6 +130,8 @@ def progress_html(run, metrics: list[dict], device_busy: bool = False) -> str:
     if run.status == "running":
         if last.get("eta") is not None:
             facts.append(f"ETA {fmt_seconds(last['eta'])}")
+        elif run.phases:
+            facts.append("ETA after the first step")
         if last.get("elapsed") is not None:
             facts.append(f"elapsed {fmt_seconds(last['elapsed'])}")
     elif run.summary and run.summary.get("wall_seconds") is not None:
@@ -153,7 +155,29 @@ def progress_html(run, metrics: list[dict], device_busy: bool = False) -> str:
             f"<div class='lora-progress-head'><b>{html.escape(run.name)}</b>"
             f"<span class='lora-status lora-status-{run.status}'>{run.status}</span>"
             f"<span>{' · '.join(html.escape(f) for f in facts)}</span></div>"
-            f"<div class='lora-bar'><div style='width:{fraction * 100:.1f}%'></div></div>{error}{note}</div>")
+            f"<div class='lora-bar'><div style='width:{fraction * 100:.1f}%'></div></div>"
+            f"{phases_html(run)}{error}{note}</div>")
+
+
+def phases_html(run, now: float | None = None) -> str:
+    """What the job has been doing: each phase with its time (a phase entered again, as training is
+    after each evaluation, adds up), the current one marked and with what it found so far."""
+    if not run.phases:
+        return ""
+    now = now or time.time()
+    active = run.status == "running"
+    ends = [p["at"] for p in run.phases[1:]] + [now if active else (run.finished or run.phases[-1]["at"])]
+    spent: dict[str, float] = {}
+    for phase, end in zip(run.phases, ends):
+        spent[phase["phase"]] = spent.get(phase["phase"], 0.0) + max(end - phase["at"], 0.0)
+    current = run.phases[-1]
+    items = []
+    for name, seconds in spent.items():
+        is_current = active and name == current["phase"]
+        detail = f": {current['detail']}" if is_current and current["detail"] else ""
+        items.append(f"<span data-phase='{html.escape(name)}' class='{'lora-phase-now' if is_current else ''}'>"
+                     f"{html.escape(name + detail)} {fmt_seconds(seconds)}</span>")
+    return f"<div class='lora-phases'>{' · '.join(items)}</div>"
 
 
 def queue_rows(runs) -> list[list]:
