@@ -1,5 +1,6 @@
-"""End to end in a real headless Chromium: upload a dataset, train a short run on a tiny model, watch
-the loss chart grow, reload the page and find the run again, then chat with the trained adapter.
+"""End to end in a real headless Chromium: upload a dataset, choose its system prompt, set a short run on
+a tiny model, reload (the settings and the file stay), train and watch its phases and the loss chart
+grow, reload again and find the run, then chat with the trained adapter as it was trained.
 
 The app runs as `python app.py` in a subprocess (as a user starts it), with its own home, run store
 and a free port; LORA_APP_MODEL makes the page start on a tiny local model so the run takes seconds.
@@ -84,6 +85,11 @@ def studio(tmp_path):
         print((tmp_path / "app.log").read_text()[-3000:])
 
 
+# status trackers showing in the live view (Gradio marks hidden ones "hide")
+OVERLAY = """() => [...document.querySelectorAll('#run-progress .wrap, #loss-chart .wrap')]
+    .filter(w => !w.classList.contains('hide') && getComputedStyle(w).opacity !== '0').map(w => w.className)"""
+
+
 def loss_points(page) -> int:
     return page.evaluate("""() => {
         const plot = document.querySelector('#loss-chart .js-plotly-plot');
@@ -107,10 +113,12 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         page.set_default_timeout(60_000)
         page.goto(url)
 
-        # 1. data: upload, detected format and the preview
+        # 1. data: upload, detected format and the preview; no template default system prompt
         page.set_input_files("#data-file input[type=file]", str(data))
         expect(page.locator("#preview-status")).to_contain_text("openai format · 38 training rows · 2 validation rows")
         expect(page.locator("#data-preview mark").first).to_be_visible()
+        expect(page.locator("#data-preview")).to_contain_text("pirate.jsonl")  # the name as uploaded
+        page.locator("#default-system-prompt input").uncheck()
         page.screenshot(path=shots / "1-data.png")
 
         # 2. settings: a short run that fits the tiny model's 128 positions
@@ -123,15 +131,30 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
             box.press("Tab")
         page.get_by_text("Save / load settings and the equivalent command").click()
         expect(page.locator("#cli-command")).to_contain_text("--max-steps 12", timeout=30_000)
+        expect(page.locator("#cli-command")).to_contain_text("--no-default-system-prompt")
+
+        # 2b. a reload mid-edit loses nothing: the settings, the file in the upload box, the preview
+        page.reload()
+        page.get_by_role("tab", name="2 · Model & LoRA").click()
+        expect(page.get_by_label("Max steps (0 = use epochs)", exact=True)).to_have_value("12", timeout=30_000)
+        expect(page.get_by_label("Sequence length", exact=True)).to_have_value("96")
+        page.get_by_role("tab", name="1 · Data").click()
+        expect(page.locator("#data-file")).to_contain_text("pirate")
+        expect(page.locator("#default-system-prompt input")).not_to_be_checked()
+        expect(page.locator("#preview-status")).to_contain_text("36 training rows · 4 validation rows")  # fraction 0.1
 
         # 3. train: a double click starts one run; the loss chart gains points
         page.get_by_role("tab", name="3 · Train").click()
         expect(page.locator("#train-summary")).to_contain_text("12 steps")
         page.locator("#start-training").dblclick()
         expect(page.locator("#train-status")).to_contain_text("Started")
-        page.wait_for_function("""() => {
-            const plot = document.querySelector('#loss-chart .js-plotly-plot');
-            return plot && plot.data && plot.data.length && plot.data[0].x.length >= 2; }""", timeout=150_000)
+        expect(page.locator("#run-progress [data-phase]").first).to_be_visible(timeout=10_000)  # from the start
+        # polling never shows Gradio's progress overlay on the live view
+        deadline = time.time() + 150
+        while loss_points(page) < 2:
+            assert page.evaluate(OVERLAY) == [], "the progress box flickered"
+            assert time.time() < deadline, "the loss chart did not grow"
+            page.wait_for_timeout(200)
         page.screenshot(path=shots / "3-training.png")
         from lora_app.training.store import RunStore
 
@@ -147,6 +170,9 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         expect(page.locator("#run-progress .lora-progress")).to_have_attribute("data-status", "completed",
                                                                                 timeout=150_000)
         page.wait_for_function("() => document.querySelector('#loss-chart .js-plotly-plot')?.data?.[0]?.x?.length >= 12")
+        phases = page.evaluate("() => [...document.querySelectorAll('#run-progress [data-phase]')].map(e => e.dataset.phase)")
+        assert phases == ["starting", "preparing data", "loading model", "first step", "training", "evaluating",
+                          "saving"], phases
         page.screenshot(path=shots / "4-reloaded.png")
 
         # 5. chat with the trained adapter, from the Runs tab
@@ -154,6 +180,9 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         expect(page.locator("#runs-table")).to_contain_text("completed")
         page.get_by_role("button", name="Chat with this adapter").click()
         expect(page.locator("#chat-status")).to_contain_text("Chatting with")
+        # chat sees what training saw: the run's system prompt choice
+        expect(page.locator("#chat-status")).to_contain_text("not the template's default")
+        expect(page.locator("#chat-default-system input")).not_to_be_checked()
         page.locator("#chat-input textarea").fill("Who are you?")
         page.locator("#chat-input textarea").press("Enter")
         expect(page.locator("#chat-status")).to_contain_text("tokens/s", timeout=60_000)

@@ -454,3 +454,14 @@ def test_the_form_survives_a_reload_and_loads_from_a_past_run(finished_run, tiny
     loaded = dict(zip(FIELDS, form))
     assert (loaded["rank"], loaded["alpha"], loaded["seq_len"], loaded["model"]) == (4, 8.0, 64, tiny_llama)
     assert path == shown == dataset and tab["selected"] == "model" and "pirate.v1" in said
+
+
+def test_the_saved_form_outlives_a_restart_of_the_studio(home):
+    """Gradio encrypts browser state with a key of its own, new at every start; ours is kept, private."""
+    import stat
+
+    from lora_app.ui.common import browser_secret
+
+    key = browser_secret()
+    assert len(key) == 32 and browser_secret() == key
+    assert stat.S_IMODE((home / "browser_state.key").stat().st_mode) == 0o600

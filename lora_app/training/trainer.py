@@ -260,11 +260,15 @@ class Recipe:
         self.loss_model.train()
         self.started = time.perf_counter()
         self.first_step = self.step
-        self.recent = deque(maxlen=SPEED_WINDOW)  # (seconds, tokens) of the last steps: the live speed
+        # (seconds, tokens) of the last steps, for the live speed and ETA; the first step warms up
+        # (memory, kernels) and would understate both, so it only counts until another is done
+        self.recent = deque(maxlen=SPEED_WINDOW)
         self.cb.on_phase("first step", "")
         while self.step < self.total_steps:
             began = time.perf_counter()
             loss, grad_norm, tokens = self._loss_step()
+            if self.step == self.first_step + 2:
+                self.recent.clear()
             self.recent.append((time.perf_counter() - began, tokens))
             if self.step == self.first_step + 1:
                 self.cb.on_phase("training", "")

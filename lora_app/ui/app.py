@@ -68,9 +68,10 @@ def wire(demo: gr.Blocks, ui) -> None:
     ui.data_file.clear(lambda: (None, "No dataset yet.", "", "", None), None,
                        [ui.data_path, ui.data_status, ui.preview_status, ui.preview_html, ui.length_plot])
     ui.demo_button.click(friendly(data_tab.use_demo), None, dataset).then(**preview)
-    # one chain, so the preview sees the restored settings
-    demo.load(model_tab.restore_form, ui.saved_form, form_view).then(
-        friendly(data_tab.restore), ui.data_path, dataset).then(**preview)
+    # one chain, so the preview sees the restored settings; the dataset first, as it is quick, so that a
+    # file uploaded while the form is restored is not replaced by the one chosen last time
+    demo.load(friendly(data_tab.restore), ui.data_path, dataset).then(
+        model_tab.restore_form, ui.saved_form, form_view).then(**preview)
     gr.on([c.change for c in form], model_tab.remember_form, form, ui.saved_form, trigger_mode="always_last",
           show_progress="hidden")
     gr.on([f["data_format"].input, f["template"].input, f["train_on_prompt"].input, ui.mapping.submit, ui.mapping.blur,
@@ -106,8 +107,8 @@ def wire(demo: gr.Blocks, ui) -> None:
     gr.on([ui.runs_tab.select, ui.runs_refresh.click], **refresh_runs)
     gr.on([ui.runs_pick.input, ui.runs_other.input], friendly(runs_tab.run_details), [ui.runs_pick, ui.runs_other],
           ui.runs_details)
-    ui.runs_chat.click(friendly(chat_with_run), ui.runs_pick,
-                       [ui.tabs, ui.chat_model, ui.chat_mode, ui.chat_adapters, ui.chat_status])
+    ui.runs_chat.click(friendly(chat_with_run), ui.runs_pick, [ui.tabs, ui.chat_model, ui.chat_mode, ui.chat_adapters,
+                                                               ui.chat_system, ui.chat_default_system, ui.chat_status])
     ui.runs_load.click(friendly(runs_tab.load_settings), ui.runs_pick, [*form_view, *dataset, ui.tabs, ui.config_status]
                        ).then(**preview)
     ui.runs_zip.click(friendly(runs_tab.zip_run), ui.runs_pick, ui.runs_file).then(
@@ -126,10 +127,11 @@ def wire(demo: gr.Blocks, ui) -> None:
                            outputs=ui.cmp_adapters, show_progress="hidden")
     gr.on([ui.chat_tab.select, ui.chat_model.input], **refresh_chat)
     gr.on([ui.compare_tab.select, ui.chat_model.input], **refresh_compare)
-    ui.chat_adapters.change(friendly(chat_tab.trained_system), ui.chat_adapters,
-                            [ui.chat_system, ui.chat_default_system, ui.chat_status], show_progress="hidden")
-    ui.cmp_adapters.change(friendly(chat_tab.trained_system), ui.cmp_adapters,
-                           [ui.cmp_system, ui.cmp_default_system, ui.cmp_note], show_progress="hidden")
+    # adapters picked by hand bring the system prompt they were trained with (as "Chat with" does)
+    ui.chat_adapters.input(friendly(chat_tab.trained_system), ui.chat_adapters,
+                           [ui.chat_system, ui.chat_default_system, ui.chat_status], show_progress="hidden")
+    ui.cmp_adapters.input(friendly(chat_tab.trained_system), ui.cmp_adapters,
+                          [ui.cmp_system, ui.cmp_default_system, ui.cmp_note], show_progress="hidden")
     chat_inputs = [ui.chat_input, ui.chatbot, ui.chat_model, ui.chat_mode, ui.chat_adapters, ui.chat_weights,
                    *ui.chat_settings]
     gr.on([ui.chat_send.click, ui.chat_input.submit], chat_tab.respond, chat_inputs,
@@ -143,7 +145,8 @@ def wire(demo: gr.Blocks, ui) -> None:
 
 
 def chat_with_run(run_id):
-    """From the Runs tab to the Chat tab, with the run's base model and adapter selected."""
+    """From the Runs tab to the Chat tab, with the run's base model and adapter selected, and the
+    system prompt it was trained with."""
     if not run_id:
         raise gr.Error("Pick a run first.")
     run = run_store().get(run_id)
@@ -151,8 +154,9 @@ def chat_with_run(run_id):
         raise gr.Error(f"Run {run.name} has no final adapter yet (it is {run.status}).")
     model = run.config.get("model") or "default"
     choices = adapters.adapter_choices(model)
+    system, said = adapters.trained_system([f"run:{run.id}"])
     return (gr.update(selected="chat"), model, "adapter", gr.update(choices=choices, value=[f"run:{run.id}"]),
-            f"Chatting with **{run.name}**: send a message.")
+            system.text or "", system.use_default, f"Chatting with **{run.name}**: send a message. {said}".strip())
 
 
 def launch(demo: gr.Blocks | None = None, **kwargs):
