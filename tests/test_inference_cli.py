@@ -132,6 +132,17 @@ def test_export_merged_and_zip(capsys, assets, app_home, tmp_path):
     assert code == 2 and "exactly one --adapter" in err
 
 
+def test_export_gguf_with_its_modelfile_and_template_check(capsys, assets, app_home, tmp_path):
+    target = tmp_path / "out" / "a-f16.gguf"
+    code, out, err = run(capsys, "export", "--model", str(assets["base"]), "--adapter", str(assets["a"]),
+                         "--gguf-out", str(target), "--gguf-type", "f16")
+    assert code == 0 and out.split() == [str(target), str(target.with_suffix(".Modelfile"))], err
+    assert "GGUF chat template: identical" in err and "Ollama Modelfile: identical" in err
+    assert "ollama create a-f16 -f a-f16.Modelfile" in err
+    code, _, err = run(capsys, "export", "--adapter", str(assets["a"]), "--gguf-out", str(target))
+    assert code == 2 and "already exists" in err
+
+
 def test_export_push_offline_is_a_clear_error(capsys, assets, app_home, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, out, err = run(capsys, "export", "--adapter", str(assets["a"]), "--zip-out", str(tmp_path / "a.zip"),

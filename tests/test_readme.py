@@ -23,7 +23,8 @@ def test_the_readme_headless_block_runs_as_written(tmp_path):
     (tmp_path / "assets").symlink_to(ROOT / "assets")  # a fresh clone's folder, without the repository's files
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "LORA_APP_RUNS": str(tmp_path / "store")}
     commands = headless_commands()
-    assert [c.split()[3] for c in commands] == ["train", "train", "generate", "generate", "export"]
+    assert [c.split()[3] for c in commands] == ["train", "train", "generate", "generate", "export",
+                                                   "export"]
     for command in commands:
         for long, short in FEWER.items():
             command = command.replace(long, short)
@@ -34,6 +35,7 @@ def test_the_readme_headless_block_runs_as_written(tmp_path):
             assert out.stdout.strip(), command
     assert (tmp_path / "runs" / "captain" / "checkpoints" / "adapter-step2").is_dir()  # the finished adapter, kept
     assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "captain.zip").exists()
+    assert (tmp_path / "export" / "captain-q8_0.gguf").exists() and (tmp_path / "export" / "captain-q8_0.Modelfile").exists()
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -465,3 +465,14 @@ def test_the_saved_form_outlives_a_restart_of_the_studio(home):
     key = browser_secret()
     assert len(key) == 32 and browser_secret() == key
     assert stat.S_IMODE((home / "browser_state.key").stat().st_mode) == 0o600
+
+
+def test_export_gguf_and_ollama_from_the_runs_tab(finished_run):
+    from lora_app.ui.runs_tab import export_gguf
+
+    steps = []
+    said = export_gguf(finished_run.id, "f16", progress=lambda done, desc: steps.append(done))
+    assert "GGUF written to" in said and "✅ GGUF chat template: identical" in said, said
+    assert "✅ Ollama Modelfile: identical" in said and "ollama create pirate_v1" in said
+    assert (Path(finished_run.output) / "export" / "pirate_v1-f16.gguf").is_file() and steps[-1][0] == steps[-1][1]
+    assert (Path(finished_run.output) / "export" / "pirate_v1-f16.Modelfile").is_file()

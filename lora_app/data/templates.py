@@ -115,6 +115,25 @@ class PromptFormat:
     def save(self, folder: str | os.PathLike) -> None:
         write_json(Path(folder) / PROMPT_FORMAT_FILE, asdict(self))
 
+    def system_filler(self, tokenizer) -> str | None:
+        """The system turn training gave a conversation that had none: the run's system prompt, an
+        empty one (no template default), or None when the template was left to do as it does."""
+        if self.system.text is not None:
+            return self.system.text
+        default = template_system_prompt(tokenizer, ChatTemplate(self.template, self.chat_template))
+        return "" if not self.system.use_default and default is not None else None
+
+    def standalone_template(self, tokenizer) -> str:
+        """The chat template with the run's system prompt choice built in, for runtimes that apply the
+        template alone (llama.cpp, LM Studio, transformers): a conversation without a system turn gets
+        the one training gave it; one with its own keeps it."""
+        filler = self.system_filler(tokenizer)
+        if filler is None:
+            return self.chat_template
+        return ("{%- if not (messages and messages[0]['role'] == 'system') %}"
+                "{%- set messages = [{'role': 'system', 'content': " + json.dumps(filler) + "}] + messages %}"
+                "{%- endif %}" + self.chat_template)
+
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "PromptFormat | None":
         """The adapter's prompt format; None for an adapter trained elsewhere (or on raw text)."""

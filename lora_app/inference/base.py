@@ -22,8 +22,9 @@ from lora_app.inference.cache import AdapterCache, AdapterInfo
 from lora_app.inference.compare import ComparisonResult, comparison_modes
 from lora_app.errors import InferenceError
 from lora_app.inference.export import write_merged
+from lora_app.inference.gguf_export import GgufExport, export_gguf
 from lora_app.inference.modes import Mode
-from lora_app.data.templates import SystemPrompt
+from lora_app.data.templates import PromptFormat, SystemPrompt
 from lora_app.inference.prompts import encode_prompt, eos_token_ids
 from lora_app.inference.settings import GenerationSettings
 from lora_app.inference.sources import adapter_name_for, resolve_source
@@ -217,15 +218,28 @@ class LoadedBase:
         return columns()
 
     # ----------------------------------------------------------------------------------- export
-    def export_merged(self, folder: str | os.PathLike, adapters: str | list | dict | None = None,
-                      dtype=None, overwrite: bool = False) -> Path:
-        """Write a full model with ``adapters`` (a name, list or weights dict; None: the current
-        mode's adapters) merged in, loadable with plain transformers. The mode is unchanged after."""
+    @contextmanager
+    def _exporting(self, adapters: str | list | dict | None):
+        """Hold the model with ``adapters`` (None: the current mode's) active; the mode is restored after."""
         with self._lock:
             weights = self._mode.adapters if adapters is None else Mode.of(adapters).adapters
             previous = self._mode
             try:
                 self._locked_switch(Mode.mix(weights))
-                return write_merged(self.model, self.tokenizer, folder, dtype=dtype, overwrite=overwrite)
+                yield
             finally:
                 self._locked_switch(previous)
+
+    def export_gguf(self, target: str | os.PathLike, adapters: str | list | dict | None = None,
+                    prompt_format: PromptFormat | None = None, **options) -> GgufExport:
+        """Write one GGUF file with ``adapters`` merged in (``options``: see ``gguf_export.export_gguf``),
+        an Ollama Modelfile beside it, and check both templates against training."""
+        with self._exporting(adapters):
+            return export_gguf(self.model, self.tokenizer, target, prompt_format, **options)
+
+    def export_merged(self, folder: str | os.PathLike, adapters: str | list | dict | None = None,
+                      dtype=None, overwrite: bool = False) -> Path:
+        """Write a full model with ``adapters`` (a name, list or weights dict; None: the current
+        mode's adapters) merged in, loadable with plain transformers."""
+        with self._exporting(adapters):
+            return write_merged(self.model, self.tokenizer, folder, dtype=dtype, overwrite=overwrite)

@@ -9,6 +9,7 @@ with one line on stderr and exit code 2, never a traceback.
     python -m lora_app generate --raw --prompt "Once upon a time" --max-new-tokens 40
     python -m lora_app export --adapter runs/a/adapter --merged-out merged/ [--push-to-hub me/model]
     python -m lora_app export --adapter runs/a/adapter --zip-out a.zip
+    python -m lora_app export --adapter runs/a --gguf-out export/a-q8_0.gguf --gguf-type q8_0
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 import torch
 
@@ -23,7 +25,9 @@ from lora_app.data import PromptFormat, SystemPrompt
 from lora_app.errors import AdapterLoadError, InferenceError, UserError
 from lora_app.inference.devices import DEVICE_CHOICES
 from lora_app.inference.engine import InferenceEngine, default_work_dir
-from lora_app.inference.export import push_to_hub, zip_adapter
+from lora_app.inference.export import push_to_hub, refuse_existing, zip_adapter
+from lora_app.inference.gguf_export import GGUF_TYPES
+from lora_app.inference.template_check import run_conversations
 from lora_app.inference.modes import Mode
 from lora_app.inference.settings import GenerationSettings
 from lora_app.inference.sources import resolve_source
@@ -74,6 +78,9 @@ def export_parser() -> argparse.ArgumentParser:
     _model_arguments(parser)
     parser.add_argument("--merged-out", metavar="DIR", help="write the base with the adapters merged in here")
     parser.add_argument("--zip-out", metavar="FILE", help="write the (single) adapter as a zip here")
+    parser.add_argument("--gguf-out", metavar="FILE", help="write the merged model as one GGUF file here (for "
+                        "llama.cpp, LM Studio), with an Ollama Modelfile beside it; the chat templates are checked")
+    parser.add_argument("--gguf-type", choices=tuple(GGUF_TYPES), default="q8_0", help="how the GGUF stores weights")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the merged weights (default: the model's)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
@@ -162,31 +169,44 @@ def run_generate(args, out) -> int:
 
 
 def run_export(args, out) -> int:
-    if not (args.merged_out or args.zip_out):
-        raise InferenceError("nothing to export: give --merged-out DIR and/or --zip-out FILE.")
+    if not (args.merged_out or args.zip_out or args.gguf_out):
+        raise InferenceError("nothing to export: give --merged-out DIR, --gguf-out FILE and/or --zip-out FILE.")
     if not args.adapter:
         raise InferenceError("give the adapter to export with --adapter DIR.")
-    written = []
+    if args.gguf_out:
+        refuse_existing(Path(args.gguf_out), args.overwrite)  # before minutes of loading and merging
+    folders = _adapter_folders(args)
+    written, push_folder = [], None
     if args.zip_out:
         if len(args.adapter) != 1:
             raise InferenceError("--zip-out packs one adapter; give exactly one --adapter (or use --merged-out).")
-        folder = _adapter_folders(args)[0]
         try:
-            read_adapter(folder)  # a corrupt adapter is refused here, not discovered by whoever unzips it
+            read_adapter(folders[0])  # a corrupt adapter is refused here, not discovered by whoever unzips it
         except AdapterLoadError as err:
-            raise InferenceError(f"Could not read the adapter in {folder}: {err}") from err
-        written.append(zip_adapter(folder, args.zip_out, overwrite=args.overwrite))
-        push_folder = folder
+            raise InferenceError(f"Could not read the adapter in {folders[0]}: {err}") from err
+        written.append(zip_adapter(folders[0], args.zip_out, overwrite=args.overwrite))
+        push_folder = folders[0]
+    if args.merged_out or args.gguf_out:
+        base, mix = _engine_base(args, folders)
     if args.merged_out:
-        base, mix = _engine_base(args, _adapter_folders(args))
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
         written.append(base.export_merged(args.merged_out, mix, dtype=dtype, overwrite=args.overwrite))
         push_folder = written[-1]
+    if args.gguf_out:
+        name = Path(args.gguf_out).stem
+        done = base.export_gguf(args.gguf_out, mix, PromptFormat.load(folders[0]), gguf_type=args.gguf_type,
+                                conversations=run_conversations(folders[0]), name=name, overwrite=args.overwrite)
+        written += [done.gguf] + ([done.modelfile] if done.modelfile else [])
+        for line in [check.line() for check in done.checks] + done.notes:
+            print(line, file=sys.stderr)
+        if done.modelfile:
+            print(f"Ollama: {done.ollama_command(name)}", file=sys.stderr)
     for path in written:
         print(path, file=out)
     if args.push_to_hub:
-        url = push_to_hub(push_folder, args.push_to_hub, private=not args.public)
-        print(url, file=out)
+        if push_folder is None:
+            raise InferenceError("--push-to-hub uploads a merged folder or an adapter: add --merged-out or --zip-out.")
+        print(push_to_hub(push_folder, args.push_to_hub, private=not args.public), file=out)
     return 0
 
 

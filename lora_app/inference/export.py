@@ -24,7 +24,8 @@ from lora_app.paths import atomic_file, offline
 ZIP_EXTRAS = ("README.md",)  # a model card travels with the adapter when there is one
 
 
-def _refuse_existing(path: Path, overwrite: bool) -> None:
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """Never replace someone's export unless asked to."""
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
         raise InferenceError(f"{path} already exists; choose a new name or allow overwriting.")
 
@@ -32,7 +33,7 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 def write_merged(model, tokenizer, folder: str | os.PathLike, dtype=None, overwrite: bool = False) -> Path:
     """Save ``model`` with its *active* adapters merged as a normal Hugging Face folder."""
     folder = Path(folder).expanduser()
-    _refuse_existing(folder, overwrite)
+    refuse_existing(folder, overwrite)
     try:
         return _export_merged(model, folder, tokenizer, dtype=dtype)
     except OSError as err:
@@ -45,7 +46,7 @@ def zip_adapter(adapter_folder: str | os.PathLike, zip_path: str | os.PathLike, 
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (adapter_folder / n).is_file()]
     if missing:
         raise InferenceError(f"{adapter_folder} is not a complete adapter: {', '.join(missing)} missing.")
-    _refuse_existing(zip_path, overwrite)
+    refuse_existing(zip_path, overwrite)
 
     def write(tmp: Path):
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:

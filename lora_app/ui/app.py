@@ -114,6 +114,7 @@ def wire(demo: gr.Blocks, ui) -> None:
     ui.runs_zip.click(friendly(runs_tab.zip_run), ui.runs_pick, ui.runs_file).then(
         lambda: gr.update(visible=True), None, ui.runs_file)
     ui.runs_merge.click(friendly(runs_tab.export_merged), ui.runs_pick, ui.runs_status)
+    ui.runs_gguf.click(friendly(runs_tab.export_gguf), [ui.runs_pick, ui.runs_gguf_type], ui.runs_status)
     ui.runs_delete.click(friendly(runs_tab.ask_delete), ui.runs_pick, [ui.runs_confirm_row, ui.runs_status])
     ui.runs_keep.click(lambda: (gr.update(visible=False), ""), None, [ui.runs_confirm_row, ui.runs_status])
     ui.runs_confirm.click(lambda: gr.update(visible=False), None, ui.runs_confirm_row).then(

@@ -12,7 +12,10 @@ import gradio as gr
 
 from lora_app.ui import adapters, data_tab, model_tab
 from lora_app.errors import RunNotFound, UserError
+from lora_app.data import PromptFormat
 from lora_app.inference import zip_adapter
+from lora_app.inference.gguf_export import GGUF_TYPES
+from lora_app.inference.template_check import run_conversations
 from lora_app.training.config import TrainConfig
 from lora_app.ui.common import fmt_bytes, fmt_count, fmt_seconds, run_store
 
@@ -131,6 +134,26 @@ def export_merged(run_id) -> str:
             f"`AutoModelForCausalLM.from_pretrained(\"{path}\")`, no adapter needed.")
 
 
+def export_gguf(run_id, gguf_type, progress=gr.Progress()) -> str:
+    """The run's model (adapter merged) as one GGUF file with an Ollama Modelfile, in the run's
+    ``export`` folder, and the template check of both against training."""
+    run = _adapter_of(run_id)
+    target = Path(run.output) / "export" / f"{adapters.adapter_name(run)}-{gguf_type}.gguf"
+    base = adapters.base_for(run.config.get("model"), None)
+    name = adapters.resolve(base, f"run:{run.id}")
+    done = base.export_gguf(target, name, PromptFormat.load(run.adapter_path), gguf_type=gguf_type,
+                            conversations=run_conversations(run.adapter_path), name=run.name, overwrite=True,
+                            progress=lambda i, n: progress((i, n), desc="writing the GGUF file"))
+    lines = [f"GGUF written to `{done.gguf}` ({fmt_bytes(done.gguf.stat().st_size)}): it runs in llama.cpp "
+             f"(`llama-cli -m {done.gguf}`) and LM Studio."]
+    lines += [("✅ " if check.identical else "⚠️ **") + check.line() + ("" if check.identical else "**")
+              for check in done.checks]
+    lines += done.notes
+    if done.modelfile:
+        lines.append(f"Ollama: `{done.ollama_command(adapters.adapter_name(run).lower())}`")
+    return "\n\n".join(lines)
+
+
 def ask_delete(run_id):
     """First click: show the confirmation row (deleting is not undoable)."""
     run = _get(run_id)
@@ -199,6 +222,9 @@ def build(ui) -> None:
         ui.runs_load = gr.Button("Load its settings", size="sm", elem_id="runs-load")
         ui.runs_zip = gr.Button("Download adapter (.zip)", size="sm")
         ui.runs_merge = gr.Button("Export merged model", size="sm")
+        ui.runs_gguf_type = gr.Dropdown(list(GGUF_TYPES), value="q8_0", show_label=False, container=False,
+                                        min_width=90, scale=0, elem_id="runs-gguf-type")
+        ui.runs_gguf = gr.Button("Export GGUF + Ollama", size="sm", elem_id="runs-gguf")
         ui.runs_delete = gr.Button("Delete…", variant="stop", size="sm")
     with gr.Row(visible=False) as ui.runs_confirm_row:
         ui.runs_confirm = gr.Button("Yes, delete it", variant="stop", size="sm")
