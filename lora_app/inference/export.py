@@ -70,7 +70,7 @@ def hub_token(token: str | None = None) -> str | None:
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = True,
-                commit_message: str = "Upload from LoRA Studio") -> str:
+                commit_message: str = "Upload from LoRA Studio", space: bool = False) -> str:
     """Upload ``folder`` (a merged model or an adapter folder) to the Hub repo ``repo_id``, creating it
     (private by default) if needed; returns the repo URL. Fails with a clear message when offline or
     when no token is configured, before any network call."""
@@ -87,9 +87,10 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
         raise InferenceError("cannot push to the Hugging Face Hub: no token is configured. Set HF_TOKEN "
                              "(a token with write access, from huggingface.co/settings/tokens).")
     try:
-        url = huggingface_hub.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        kind = dict(repo_type="space", space_sdk="gradio") if space else {}
+        url = huggingface_hub.create_repo(repo_id, token=token, private=private, exist_ok=True, **kind)
         huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
-                                      commit_message=commit_message)
+                                      commit_message=commit_message, repo_type="space" if space else None)
     except Exception as err:  # network, auth and permission errors all come from the hub client
         raise InferenceError(f"could not push {folder} to {repo_id}: {err}") from err
     return str(url)

@@ -13,20 +13,24 @@ from types import SimpleNamespace
 import gradio as gr
 
 from lora_app.data import DEMO_DATASET
+from lora_app.model_source import DEFAULT_MODEL_ID
 from lora_app.ui import adapters, chat_tab, compare_tab, data_tab, model_tab, runs_tab, train_tab
 from lora_app.training.store import default_root
 from lora_app.ui.common import browser_secret, friendly, run_store
 from lora_app.ui.space import device_summary
 from lora_app.ui.data_tab import datasets_dir
-from lora_app.ui.form import FIELDS
+from lora_app.ui.form import FIELDS, start_model
 
 CSS = (Path(__file__).with_name("style.css")).read_text()
 THEME = gr.themes.Soft(primary_hue="indigo", radius_size="md")
 
 
 def header_markdown() -> str:
+    model = start_model()
+    fallback = (f"<span>model: <code>{model}</code> from the Hub (the embedded copy is not installed here)</span>"
+                if model == DEFAULT_MODEL_ID else "")
     return (f"<div class='lora-header'><h1>LoRA Studio</h1>"
-            f"<span>{device_summary()}</span><span>runs in <code>{default_root()}</code></span></div>")
+            f"<span>{device_summary()}</span><span>runs in <code>{default_root()}</code></span>{fallback}</div>")
 
 
 def build_app() -> gr.Blocks:
@@ -114,6 +118,7 @@ def wire(demo: gr.Blocks, ui) -> None:
     ui.runs_zip.click(friendly(runs_tab.zip_run), ui.runs_pick, ui.runs_file).then(
         lambda: gr.update(visible=True), None, ui.runs_file)
     ui.runs_merge.click(friendly(runs_tab.export_merged), ui.runs_pick, ui.runs_status)
+    ui.runs_publish.click(friendly(runs_tab.publish), [ui.runs_pick, ui.runs_space_repo], ui.runs_status)
     ui.runs_gguf.click(friendly(runs_tab.export_gguf), [ui.runs_pick, ui.runs_gguf_type], ui.runs_status)
     ui.runs_delete.click(friendly(runs_tab.ask_delete), ui.runs_pick, [ui.runs_confirm_row, ui.runs_status])
     ui.runs_keep.click(lambda: (gr.update(visible=False), ""), None, [ui.runs_confirm_row, ui.runs_status])

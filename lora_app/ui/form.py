@@ -15,6 +15,7 @@ from dataclasses import fields
 import gradio as gr
 
 from lora_app.data import parse_mapping
+from lora_app.model_source import DEFAULT_MODEL, DEFAULT_MODEL_ID, embedded_available
 from lora_app.training.config import TrainConfig, flag, label, optional, value_type
 
 SETTINGS = {f.name: f for f in fields(TrainConfig)}
@@ -52,8 +53,9 @@ def _unset_choice(name: str) -> bool:
 
 def start_model() -> str:
     """The model the page starts with: ``LORA_APP_MODEL`` (e.g. a Hub id on a GPU Space), else the
-    embedded default."""
-    return os.environ.get("LORA_APP_MODEL") or "default"
+    embedded default, else -- where its package is not installed, as on a Space -- the same model
+    from the Hub."""
+    return os.environ.get("LORA_APP_MODEL") or (DEFAULT_MODEL if embedded_available() else DEFAULT_MODEL_ID)
 
 
 def default_config() -> TrainConfig:
@@ -96,7 +98,7 @@ def config_from_values(values: dict, base: TrainConfig | None = None) -> TrainCo
         elif name == "data_mapping":
             value = parse_mapping(value)
         elif name == "model":
-            value = (value or "default").strip()
+            value = (value or DEFAULT_MODEL).strip()
         elif value_type(SETTINGS[name]) is int and isinstance(value, float) and value.is_integer():
             value = int(value)  # gr.Number hands back floats
         if ((_unset_number(name) and not value) or (_unset_choice(name) and value in (None, "", AUTO))

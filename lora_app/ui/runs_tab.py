@@ -13,11 +13,13 @@ import gradio as gr
 from lora_app.ui import adapters, data_tab, model_tab
 from lora_app.errors import RunNotFound, UserError
 from lora_app.data import PromptFormat
-from lora_app.inference import zip_adapter
+from lora_app.inference import push_to_hub, zip_adapter
+from lora_app.inference.space import ModelCard, write_space
+from lora_app.model_source import base_model_id
 from lora_app.inference.gguf_export import GGUF_TYPES
 from lora_app.inference.template_check import run_conversations
 from lora_app.training.config import TrainConfig
-from lora_app.ui.common import fmt_bytes, fmt_count, fmt_seconds, run_store
+from lora_app.ui.common import fmt_bytes, fmt_count, fmt_seconds, run_store, tokenizer_for
 
 HEADERS = ["run", "status", "model", "variant · rank", "steps", "final loss", "eval loss", "tokens/s", "time",
            "created"]
@@ -154,6 +156,31 @@ def export_gguf(run_id, gguf_type, progress=gr.Progress()) -> str:
     return "\n\n".join(lines)
 
 
+CARD_SETTINGS = ("variant", "rank", "alpha", "targets", "max_steps", "epochs", "lr", "batch_size", "seq_len",
+                 "system_prompt", "default_system_prompt")
+
+
+def publish(run_id, repo: str | None = None) -> str:
+    """A chat Space of the run's own in its ``space`` folder; with a repo id (and ``HF_TOKEN``), pushed."""
+    run = _adapter_of(run_id)
+    config = TrainConfig.from_dict(run.config)
+    summary = run.summary or {}
+    trained = PromptFormat.load(run.adapter_path)
+    if trained is None:
+        raise UserError(f"Run {run.name} was trained on raw text: a chat Space needs a chat model.")
+    found = next((p["detail"] for p in run.phases if p["phase"] == "preparing data"), "")  # "28 rows, 891 tokens"
+    card = ModelCard(title=run.name, base=base_model_id(config.model),
+                     data=data_tab.dataset_label(config.data) + (f" ({found})" if found else ""),
+                     settings={key: getattr(config, key) for key in CARD_SETTINGS},
+                     final_loss=summary.get("final_loss"), eval_loss=summary.get("eval_loss"),
+                     losses=[(m["step"], m["loss"]) for m in run_store().metrics(run.id) if "loss" in m])
+    folder = write_space(Path(run.output) / "space", run.adapter_path, trained, tokenizer_for(config.model), card)
+    said = f"Space folder written to `{folder}`: `python {folder / 'app.py'}` runs it here."
+    if (repo or "").strip():
+        said += f" Pushed to {push_to_hub(folder, repo.strip(), private=True, space=True)}."
+    return said
+
+
 def ask_delete(run_id):
     """First click: show the confirmation row (deleting is not undoable)."""
     run = _get(run_id)
@@ -226,6 +253,10 @@ def build(ui) -> None:
                                         min_width=90, scale=0, elem_id="runs-gguf-type")
         ui.runs_gguf = gr.Button("Export GGUF + Ollama", size="sm", elem_id="runs-gguf")
         ui.runs_delete = gr.Button("Delete…", variant="stop", size="sm")
+    with gr.Row(equal_height=True):
+        ui.runs_space_repo = gr.Textbox(placeholder="user/space-name (empty: only write the folder)", show_label=False,
+                                        container=False, scale=3, elem_id="runs-space-repo")
+        ui.runs_publish = gr.Button("Publish as a chat Space", size="sm", scale=1, elem_id="runs-publish")
     with gr.Row(visible=False) as ui.runs_confirm_row:
         ui.runs_confirm = gr.Button("Yes, delete it", variant="stop", size="sm")
         ui.runs_keep = gr.Button("Keep it", size="sm")
