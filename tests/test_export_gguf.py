@@ -103,3 +103,30 @@ def test_refused_clearly_before_writing(adapted, tmp_path, monkeypatch):
     gpt2 = AutoModelForCausalLM.from_pretrained(save_tiny("gpt2", tmp_path / "gpt2"))
     with pytest.raises(InferenceError, match="not gpt2"):
         write_gguf(gpt2, tokenizer, tmp_path / "gpt2.gguf")
+
+
+def test_the_adapter_gguf_adds_up_to_the_merged_weights(adapted, tmp_path):
+    """llama.cpp applies base + (alpha / rank) * B @ A per weight: computed from the adapter GGUF and the
+    base's, that is the merged model's GGUF, tensor by tensor (names, q/k permutation, scaling)."""
+    import gguf
+
+    from lora_app.inference.gguf_export import write_adapter_gguf
+    from lora_app.lora import set_active_adapters
+
+    model, tokenizer = adapted
+    adapter = gguf.GGUFReader(write_adapter_gguf(model, "mine", tmp_path / "mine.gguf"))
+    merged = gguf.GGUFReader(write_gguf(model, tokenizer, tmp_path / "merged.gguf", gguf_type="f32"))
+    set_active_adapters(model, None)
+    try:
+        base = gguf.GGUFReader(write_gguf(model, tokenizer, tmp_path / "base.gguf", gguf_type="f32"))
+    finally:
+        set_active_adapters(model, "mine")
+    assert adapter.fields["general.type"].contents() == "adapter"
+    scale = adapter.fields["adapter.lora.alpha"].contents() / 4  # rank 4
+    lora = {t.name: t.data for t in adapter.tensors}
+    merged_weights, base_weights = ({t.name: t.data for t in r.tensors} for r in (merged, base))
+    names = {name[: -len(".lora_a")] for name in lora if name.endswith(".lora_a")}
+    assert len(names) == 30 * 7  # every linear layer of every block
+    for name in names:
+        rebuilt = base_weights[name] + scale * (lora[f"{name}.lora_b"] @ lora[f"{name}.lora_a"])
+        assert abs(rebuilt - merged_weights[name]).max() < 1e-4, name

@@ -141,6 +141,10 @@ def test_export_gguf_with_its_modelfile_and_template_check(capsys, assets, app_h
     assert "ollama create a-f16 -f a-f16.Modelfile" in err
     code, _, err = run(capsys, "export", "--adapter", str(assets["a"]), "--gguf-out", str(target))
     assert code == 2 and "already exists" in err
+    alone = tmp_path / "out" / "a-lora.gguf"  # the adapter alone, for llama.cpp's --lora
+    code, out, err = run(capsys, "export", "--model", str(assets["base"]), "--adapter", str(assets["a"]),
+                         "--gguf-adapter-out", str(alone))
+    assert code == 0 and out.split() == [str(alone)], err
 
 
 def test_export_push_offline_is_a_clear_error(capsys, assets, app_home, tmp_path, monkeypatch):

@@ -476,6 +476,7 @@ def test_export_gguf_and_ollama_from_the_runs_tab(finished_run):
     assert "✅ Ollama Modelfile: identical" in said and "ollama create pirate_v1" in said
     assert (Path(finished_run.output) / "export" / "pirate_v1-f16.gguf").is_file() and steps[-1][0] == steps[-1][1]
     assert (Path(finished_run.output) / "export" / "pirate_v1-f16.Modelfile").is_file()
+    assert "llama-server -m BASE.gguf --lora pirate_v1-lora.gguf" in said
 
 
 def test_without_the_embedded_package_the_studio_starts_on_its_hub_copy(home, monkeypatch):
@@ -544,3 +545,11 @@ def test_publish_writes_a_chat_space_that_answers_through_gradio_client(finished
     finally:
         app.terminate()
         app.wait(20)
+
+
+def test_export_gguf_from_the_chat_tab_as_chatted_with(finished_run, tiny_llama, home):
+    from lora_app.ui.chat_tab import export_gguf
+
+    said = export_gguf(tiny_llama, "merged", [f"run:{finished_run.id}"], "", progress=lambda done, desc: None)
+    assert "GGUF written to" in said and "GGUF chat template: identical" in said, said
+    assert (home / "exports" / "pirate_v1-q8_0.gguf").is_file()

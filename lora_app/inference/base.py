@@ -22,7 +22,7 @@ from lora_app.inference.cache import AdapterCache, AdapterInfo
 from lora_app.inference.compare import ComparisonResult, comparison_modes
 from lora_app.errors import InferenceError
 from lora_app.inference.export import write_merged
-from lora_app.inference.gguf_export import GgufExport, export_gguf
+from lora_app.inference.gguf_export import GgufExport, export_gguf, write_adapter_gguf
 from lora_app.inference.modes import Mode
 from lora_app.data.templates import PromptFormat, SystemPrompt
 from lora_app.inference.prompts import encode_prompt, eos_token_ids
@@ -236,6 +236,11 @@ class LoadedBase:
         an Ollama Modelfile beside it, and check both templates against training."""
         with self._exporting(adapters):
             return export_gguf(self.model, self.tokenizer, target, prompt_format, **options)
+
+    def export_adapter_gguf(self, target: str | os.PathLike, adapter: str, overwrite: bool = False) -> Path:
+        """Adapter ``adapter`` alone as a llama.cpp LoRA GGUF (``gguf_export.write_adapter_gguf``)."""
+        with self._lock:
+            return write_adapter_gguf(self.model, adapter, target, overwrite=overwrite)
 
     def export_merged(self, folder: str | os.PathLike, adapters: str | list | dict | None = None,
                       dtype=None, overwrite: bool = False) -> Path:

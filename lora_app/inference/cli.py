@@ -81,6 +81,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf-out", metavar="FILE", help="write the merged model as one GGUF file here (for "
                         "llama.cpp, LM Studio), with an Ollama Modelfile beside it; the chat templates are checked")
     parser.add_argument("--gguf-type", choices=tuple(GGUF_TYPES), default="q8_0", help="how the GGUF stores weights")
+    parser.add_argument("--gguf-adapter-out", metavar="FILE", help="write the (single, plain LoRA) adapter alone as "
+                        "a llama.cpp LoRA GGUF here, for `llama-server -m BASE.gguf --lora FILE`")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the merged weights (default: the model's)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
@@ -169,12 +171,16 @@ def run_generate(args, out) -> int:
 
 
 def run_export(args, out) -> int:
-    if not (args.merged_out or args.zip_out or args.gguf_out):
-        raise InferenceError("nothing to export: give --merged-out DIR, --gguf-out FILE and/or --zip-out FILE.")
+    if not (args.merged_out or args.zip_out or args.gguf_out or args.gguf_adapter_out):
+        raise InferenceError("nothing to export: give --merged-out DIR, --gguf-out FILE, --gguf-adapter-out FILE "
+                             "and/or --zip-out FILE.")
     if not args.adapter:
         raise InferenceError("give the adapter to export with --adapter DIR.")
-    if args.gguf_out:
-        refuse_existing(Path(args.gguf_out), args.overwrite)  # before minutes of loading and merging
+    if args.gguf_adapter_out and len(args.adapter) != 1:
+        raise InferenceError("--gguf-adapter-out writes one adapter; give exactly one --adapter.")
+    for out_file in (args.gguf_out, args.gguf_adapter_out):
+        if out_file:
+            refuse_existing(Path(out_file), args.overwrite)  # before minutes of loading and merging
     folders = _adapter_folders(args)
     written, push_folder = [], None
     if args.zip_out:
@@ -186,7 +192,7 @@ def run_export(args, out) -> int:
             raise InferenceError(f"Could not read the adapter in {folders[0]}: {err}") from err
         written.append(zip_adapter(folders[0], args.zip_out, overwrite=args.overwrite))
         push_folder = folders[0]
-    if args.merged_out or args.gguf_out:
+    if args.merged_out or args.gguf_out or args.gguf_adapter_out:
         base, mix = _engine_base(args, folders)
     if args.merged_out:
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
@@ -201,6 +207,8 @@ def run_export(args, out) -> int:
             print(line, file=sys.stderr)
         if done.modelfile:
             print(f"Ollama: {done.ollama_command(name)}", file=sys.stderr)
+    if args.gguf_adapter_out:
+        written.append(base.export_adapter_gguf(args.gguf_adapter_out, list(mix)[0], overwrite=args.overwrite))
     for path in written:
         print(path, file=out)
     if args.push_to_hub:

@@ -26,7 +26,7 @@ from lora_app.errors import InferenceError
 from lora_app.inference.export import refuse_existing
 from lora_app.inference.ollama import modelfile_for, write_modelfile
 from lora_app.inference.template_check import FALLBACK_CONVERSATIONS, TemplateCheck, check
-from lora_app.lora import merged_state_dict
+from lora_app.lora import LoraAdapter, LoraFAAdapter, adapter_modules, merged_state_dict
 from lora_app.paths import atomic_file
 
 # the types a user may ask for: llama.cpp's names, and how each weight matrix is stored
@@ -53,16 +53,12 @@ def write_gguf(model, tokenizer, target: str | os.PathLike, *, gguf_type: str = 
     if gguf_type not in GGUF_TYPES:
         raise InferenceError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}.")
     refuse_existing(target, overwrite)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if config.model_type not in ARCHITECTURES:
-        raise InferenceError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not {config.model_type}.")
-    arch, permute = ARCHITECTURES[config.model_type]
+    config, arch = _architecture(model)
     state = merged_state_dict(model)
     _check_room(target, state, gguf_type)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
-    def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    def fill(writer) -> None:
         _add_model_metadata(writer, config, name, gguf_type)
         _add_tokenizer(writer, tokenizer, model, chat_template)
         for done, (hf_name, tensor) in enumerate(state.items(), 1):
@@ -71,14 +67,56 @@ def write_gguf(model, tokenizer, target: str | os.PathLike, *, gguf_type: str = 
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue
                 raise InferenceError(f"GGUF export does not know where {hf_name} goes in a {config.model_type} file.")
-            data = tensor.detach().float().numpy()
-            if permute and new_name.endswith(("attn_q.weight", "attn_k.weight")):
-                heads = config.num_attention_heads
-                kv = config.num_key_value_heads if new_name.endswith("attn_k.weight") else heads
-                data = _permute(data, heads, kv)
-            _add_tensor(writer, new_name, data, gguf_type)
+            _add_tensor(writer, new_name, _rotary_order(new_name, tensor.detach().float().numpy(), config), gguf_type)
             if progress:
                 progress(done, len(state))
+
+    return _write(target, arch, fill)
+
+
+def write_adapter_gguf(model, adapter: str, target: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Adapter ``adapter`` alone in llama.cpp's LoRA GGUF layout, for ``llama-server --lora`` beside the
+    base model's GGUF: ``<weight>.lora_a`` (rank x in) and ``<weight>.lora_b`` (out x rank) per adapted
+    weight, and ``adapter.lora.alpha`` set so that llama.cpp's alpha / rank is this adapter's scaling.
+    Only plain low-rank updates translate (lora, rslora, lora-fa): DoRA, VeRA and Delta-LoRA do not."""
+    target = Path(target).expanduser()
+    refuse_existing(target, overwrite)
+    config, arch = _architecture(model)
+    modules = adapter_modules(model, adapter)
+    plain = {path: m for path, m in modules.items() if type(m) in (LoraAdapter, LoraFAAdapter)}
+    if not modules or len(plain) != len(modules):
+        raise InferenceError(f"adapter {adapter!r} is not a plain LoRA (lora, rslora, lora-fa): llama.cpp's adapter "
+                             "format cannot hold it; export the merged model instead.")
+    first = next(iter(plain.values()))
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+
+    def fill(writer) -> None:
+        writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, first.scaling * first.config.rank)
+        for path, module in plain.items():
+            weight = names.get_name(f"{path}.weight", try_suffixes=(".weight",))
+            writer.add_tensor(f"{weight}.lora_a", module.lora_A.weight.detach().float().numpy())
+            # B's rows are the weight's rows, so they take the weight's rotary order
+            writer.add_tensor(f"{weight}.lora_b", _rotary_order(weight, module.lora_B.weight.detach().float().numpy(),
+                                                                config))
+
+    return _write(target, arch, fill)
+
+
+def _architecture(model):
+    """(the text config, llama.cpp's architecture) of a model GGUF export supports."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if config.model_type not in ARCHITECTURES:
+        raise InferenceError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not {config.model_type}.")
+    return config, ARCHITECTURES[config.model_type][0]
+
+
+def _write(target: Path, arch, fill: Callable) -> Path:
+    """A GGUF file at ``target`` holding what ``fill(writer)`` adds, written whole or not at all."""
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -88,6 +126,14 @@ def write_gguf(model, tokenizer, target: str | os.PathLike, *, gguf_type: str = 
         return atomic_file(target, write)
     except OSError as err:
         raise InferenceError(f"could not write {target}: {err}") from err
+
+
+def _rotary_order(name: str, rows: np.ndarray, config) -> np.ndarray:
+    """Rows of a Llama-family q/k projection in llama.cpp's rotary order; anything else as it is."""
+    if not ARCHITECTURES[config.model_type][1] or not name.endswith(("attn_q.weight", "attn_k.weight")):
+        return rows
+    heads = config.num_attention_heads
+    return _permute(rows, heads, config.num_key_value_heads if name.endswith("attn_k.weight") else heads)
 
 
 def _permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:

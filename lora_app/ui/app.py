@@ -143,6 +143,8 @@ def wire(demo: gr.Blocks, ui) -> None:
     gr.on([ui.chat_send.click, ui.chat_input.submit], chat_tab.respond, chat_inputs,
           [ui.chatbot, ui.chat_input, ui.chat_status], concurrency_id="generate", concurrency_limit=2)
     ui.chat_undo.click(chat_tab.undo, ui.chatbot, ui.chatbot)
+    ui.chat_gguf.click(friendly(chat_tab.export_gguf), [ui.chat_model, ui.chat_mode, ui.chat_adapters, ui.chat_weights],
+                       ui.chat_status, concurrency_id="generate")
     ui.chat_clear.click(lambda: ([], ""), None, [ui.chatbot, ui.chat_status])
     ui.cmp_run.click(friendly(compare_tab.run_compare),
                      [ui.cmp_prompt, ui.chat_model, ui.cmp_adapters, ui.cmp_base, ui.cmp_mix, ui.cmp_system,

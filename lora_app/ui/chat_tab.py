@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lora_app.data import SystemPrompt
+from lora_app.data import PromptFormat, SystemPrompt
 from lora_app.inference import GenerationSettings
+from lora_app.inference.template_check import run_conversations
+from lora_app.paths import app_home
 from lora_app.ui import adapters
 from lora_app.ui.common import explain
 from lora_app.ui.form import start_model
@@ -77,6 +79,22 @@ def respond(message, history, model, kind, choices, weights, system, use_default
         yield history, message, f"⚠️ {explain(err)}"
 
 
+def export_gguf(model, kind, choices, weights, progress=gr.Progress()):
+    """The model as chatted with (the chosen adapters merged in, as the mode weighs them) as one GGUF
+    file with its Modelfile, under the app's exports folder; the status line says where and what the
+    template check found."""
+    base = adapters.base_for(model, None)
+    mode = adapters.mode_for(base, kind, choices, weights)
+    folder = adapters.adapter_folder(choices[0]) if choices else None
+    name = "-".join(mode.adapters) or "base"
+    done = base.export_gguf(app_home() / "exports" / f"{name}-q8_0.gguf", dict(mode.adapters),
+                            PromptFormat.load(folder) if folder else None, gguf_type="q8_0",
+                            conversations=run_conversations(folder), name=name, overwrite=True,
+                            progress=lambda i, n: progress((i, n), desc="writing the GGUF file"))
+    checks = " · ".join(check.line() for check in done.checks)
+    return f"GGUF written to `{done.gguf}`. {checks}".strip()
+
+
 def undo(history):
     """Drop the last exchange (user turn and the reply after it)."""
     history = list(history or [])
@@ -111,6 +129,7 @@ def build(ui) -> None:
             with gr.Row():
                 ui.chat_undo = gr.Button("Undo last", size="sm")
                 ui.chat_clear = gr.Button("Clear", size="sm")
+                ui.chat_gguf = gr.Button("Export this model as GGUF", size="sm", elem_id="chat-gguf")
         with gr.Column(scale=2):
             ui.chat_model = gr.Dropdown(["default"], value=start_model(), allow_custom_value=True, label="Base model",
                                         info="the model the adapters were trained on")

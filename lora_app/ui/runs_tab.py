@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from lora_app.ui import adapters, data_tab, model_tab
-from lora_app.errors import RunNotFound, UserError
+from lora_app.errors import InferenceError, RunNotFound, UserError
 from lora_app.data import PromptFormat
 from lora_app.inference import push_to_hub, zip_adapter
 from lora_app.inference.space import ModelCard, write_space
@@ -153,6 +153,12 @@ def export_gguf(run_id, gguf_type, progress=gr.Progress()) -> str:
     lines += done.notes
     if done.modelfile:
         lines.append(f"Ollama: `{done.ollama_command(adapters.adapter_name(run).lower())}`")
+    try:  # the adapter alone, for llama.cpp's --lora on the base model's GGUF
+        alone = base.export_adapter_gguf(target.with_name(f"{adapters.adapter_name(run)}-lora.gguf"), name,
+                                         overwrite=True)
+        lines.append(f"The adapter alone: `{alone}` (`llama-server -m BASE.gguf --lora {alone.name}`).")
+    except InferenceError as err:
+        lines.append(f"No adapter-only GGUF: {err}")
     return "\n\n".join(lines)
 
 
