@@ -175,9 +175,12 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
                           "saving"], phases
         page.screenshot(path=shots / "4-reloaded.png")
 
-        # 5. chat with the trained adapter, from the Runs tab
+        # 5. export GGUF + Ollama from the Runs tab: the template check passes; then chat with the adapter
         page.get_by_role("tab", name="4 · Runs & adapters").click()
         expect(page.locator("#runs-table")).to_contain_text("completed")
+        page.locator("#runs-gguf").click()
+        expect(page.locator("#runs-status")).to_contain_text("Ollama Modelfile: identical", timeout=120_000)
+        expect(page.locator("#runs-status")).to_contain_text("GGUF chat template: identical")
         page.get_by_role("button", name="Chat with this adapter").click()
         expect(page.locator("#chat-status")).to_contain_text("Chatting with")
         # chat sees what training saw: the run's system prompt choice

@@ -109,7 +109,7 @@ def test_dataset_choice_is_restored_after_reload(home, dataset, tmp_path):
     assert restore(path) == (path, path, "Using **pirate.jsonl** (chosen before the page was reloaded).")
     assert restore(str(tmp_path / "gone.jsonl")) == (None, None, "**gone.jsonl** is no longer there (chosen before "
                                                      "the page was reloaded); upload it again.")
-    assert restore(None) == (None, None, "No dataset yet.")
+    assert restore(None) == (gr.skip(), gr.skip(), gr.skip())  # a file uploaded meanwhile is kept
     demo, shown, status = use_demo()
     assert Path(demo).is_file() and shown == demo and "Captain Byte" in status
 

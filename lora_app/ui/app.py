@@ -75,7 +75,7 @@ def wire(demo: gr.Blocks, ui) -> None:
     # one chain, so the preview sees the restored settings; the dataset first, as it is quick, so that a
     # file uploaded while the form is restored is not replaced by the one chosen last time
     demo.load(friendly(data_tab.restore), ui.data_path, dataset).then(
-        model_tab.restore_form, ui.saved_form, form_view).then(**preview)
+        model_tab.restore_form, ui.saved_form, form_view).then(**dict(preview, fn=data_tab.preview_restored))
     gr.on([c.change for c in form], model_tab.remember_form, form, ui.saved_form, trigger_mode="always_last",
           show_progress="hidden")
     gr.on([f["data_format"].input, f["template"].input, f["train_on_prompt"].input, ui.mapping.submit, ui.mapping.blur,

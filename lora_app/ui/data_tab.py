@@ -124,12 +124,18 @@ def on_upload(file):
 
 
 def restore(path, why: str = "chosen before the page was reloaded"):
-    """A dataset chosen earlier, if its file is still there: (dataset path, file box, status line)."""
+    """A dataset chosen earlier, if its file is still there: (dataset path, file box, status line).
+    Nothing chosen earlier changes nothing, so a file uploaded while the page loads is kept."""
     if path and Path(path).is_file():
         return path, path, f"Using **{dataset_label(path)}** ({why})."
     if path:
         return None, None, f"**{dataset_label(path)}** is no longer there ({why}); upload it again."
-    return None, None, "No dataset yet."
+    return gr.skip(), gr.skip(), gr.skip()
+
+
+def preview_restored(data_path, *values):
+    """The preview of a restored dataset (none restored: the page's preview is left as it is)."""
+    return preview(data_path, *values) if data_path else (gr.skip(), gr.skip(), gr.skip())
 
 
 def build(ui) -> None:
