@@ -552,4 +552,5 @@ def test_export_gguf_from_the_chat_tab_as_chatted_with(finished_run, tiny_llama,
 
     said = export_gguf(tiny_llama, "merged", [f"run:{finished_run.id}"], "", progress=lambda done, desc: None)
     assert "GGUF written to" in said and "GGUF chat template: identical" in said, said
-    assert (home / "exports" / "pirate_v1-q8_0.gguf").is_file()
+    written = list((home / "exports").glob("pirate_v1*-q8_0.gguf"))  # named after the adapter as loaded
+    assert len(written) == 1 and f"`{written[0]}`" in said
