@@ -130,3 +130,18 @@ def test_the_adapter_gguf_adds_up_to_the_merged_weights(adapted, tmp_path):
     for name in names:
         rebuilt = base_weights[name] + scale * (lora[f"{name}.lora_b"] @ lora[f"{name}.lora_a"])
         assert abs(rebuilt - merged_weights[name]).max() < 1e-4, name
+
+
+@pytest.mark.parametrize("gguf_type", ["bf16", "q5_1", "q4_0", "f32"])
+def test_every_type_reads_back(tmp_path, gguf_type):
+    """Each type the gguf package writes loads in transformers' GGUF reader, within its rounding."""
+    folder = save_tiny("llama", tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    path = write_gguf(model, tokenizer, tmp_path / f"tiny-{gguf_type}.gguf", gguf_type=gguf_type)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 42, 8, 23]])
+    with torch.no_grad():
+        want, got = model(ids).logits, back(ids).logits
+    tolerance = {"f32": 1e-5, "bf16": 0.05, "q5_1": 0.2, "q4_0": 0.5}[gguf_type]
+    assert (want - got).abs().max() < tolerance * want.abs().max()

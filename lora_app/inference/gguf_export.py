@@ -29,11 +29,19 @@ from lora_app.inference.template_check import FALLBACK_CONVERSATIONS, TemplateCh
 from lora_app.lora import LoraAdapter, LoraFAAdapter, adapter_modules, merged_state_dict
 from lora_app.paths import atomic_file
 
-# the types a user may ask for: llama.cpp's names, and how each weight matrix is stored
-GGUF_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-              "q8_0": gguf.GGMLQuantizationType.Q8_0, "f32": gguf.GGMLQuantizationType.F32}
-_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+Quant, FileType = gguf.GGMLQuantizationType, gguf.LlamaFileType
+# the types a user may ask for, by llama.cpp's names: how each weight matrix is stored, the file type
+# recorded, and the bytes a weight takes (blocks of 32 weights with their scales)
+GGUF_TYPES = {
+    "f16": (Quant.F16, FileType.MOSTLY_F16, 2.0),
+    "bf16": (Quant.BF16, FileType.MOSTLY_BF16, 2.0),
+    "q8_0": (Quant.Q8_0, FileType.MOSTLY_Q8_0, 34 / 32),
+    "q5_1": (Quant.Q5_1, FileType.MOSTLY_Q5_1, 24 / 32),
+    "q5_0": (Quant.Q5_0, FileType.MOSTLY_Q5_0, 22 / 32),
+    "q4_1": (Quant.Q4_1, FileType.MOSTLY_Q4_1, 20 / 32),
+    "q4_0": (Quant.Q4_0, FileType.MOSTLY_Q4_0, 18 / 32),
+    "f32": (Quant.F32, FileType.ALL_F32, 4.0),
+}
 # transformers model type -> (llama.cpp architecture, whether q/k need llama.cpp's rotary permutation)
 ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "mistral": (gguf.MODEL_ARCH.LLAMA, True),
                  "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
@@ -146,9 +154,9 @@ def _permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
 
 def _add_tensor(writer, name: str, data: np.ndarray, gguf_type: str) -> None:
     """Matrices in the chosen type; vectors (norms, biases) stay f32, as llama.cpp keeps them; a
-    matrix whose rows do not split into q8_0 blocks falls back to f16."""
-    qtype = GGUF_TYPES[gguf_type] if data.ndim > 1 else gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.F32:
+    matrix whose rows do not split into blocks of 32 falls back to f16."""
+    qtype = GGUF_TYPES[gguf_type][0] if data.ndim > 1 else Quant.F32
+    if qtype == Quant.F32:
         writer.add_tensor(name, data.astype(np.float32))
         return
     try:
@@ -171,7 +179,7 @@ def _add_model_metadata(writer, config, name: str, gguf_type: str) -> None:
                                     or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(_FILE_TYPES[gguf_type])
+    writer.add_file_type(GGUF_TYPES[gguf_type][1])
 
 
 def _add_tokenizer(writer, tokenizer, model, chat_template: str | None) -> None:
@@ -210,8 +218,7 @@ def _add_tokenizer(writer, tokenizer, model, chat_template: str | None) -> None:
 
 def _check_room(target: Path, state: dict, gguf_type: str) -> None:
     """Refuse before writing when the target's disk cannot hold the file (and a margin)."""
-    bytes_per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[gguf_type]
-    needed = sum(t.numel() for t in state.values()) * bytes_per_weight * 1.05 + 64 * 2**20
+    needed = sum(t.numel() for t in state.values()) * GGUF_TYPES[gguf_type][2] * 1.05 + 64 * 2**20
     folder = target.parent if target.parent.exists() else Path.cwd()
     free = shutil.disk_usage(folder).free
     if free < needed:
