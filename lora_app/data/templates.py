@@ -83,6 +83,11 @@ class SystemPrompt:
     text: str | None = None
     use_default: bool = True
 
+    @classmethod
+    def typed(cls, text: str | None, use_default: bool = True) -> "SystemPrompt":
+        """As typed in a box or a flag: blank text is no system prompt of one's own."""
+        return cls((text or "").strip() or None, bool(use_default))
+
     def apply(self, messages: list[dict], template_default: str | None) -> tuple[list[dict], str]:
         """(the conversation to render, where its system prompt comes from: SYSTEM_SOURCES)."""
         if self.text is not None:

@@ -125,7 +125,7 @@ def _adapter_folders(args) -> list:
 def _system(args, folders) -> SystemPrompt:
     """--system and --no-default-system-prompt as given, else what the first adapter was trained with."""
     if args.system is not None or args.no_default_system_prompt:
-        return SystemPrompt((args.system or "").strip() or None, not args.no_default_system_prompt)
+        return SystemPrompt.typed(args.system, not args.no_default_system_prompt)
     for folder in folders:
         trained = PromptFormat.load(folder)
         if trained is not None:

@@ -43,9 +43,7 @@ def normalize_history(history: Iterable | None) -> list[dict]:
 
 def as_system(system: SystemPrompt | str | None) -> SystemPrompt:
     """A system prompt as given: a ``SystemPrompt`` (an adapter's, say), or text (blank: none given)."""
-    if isinstance(system, SystemPrompt):
-        return system
-    return SystemPrompt(system if system and system.strip() else None)
+    return system if isinstance(system, SystemPrompt) else SystemPrompt.typed(system)
 
 
 def chat_messages(prompt: str, history: Iterable | None = None, system: SystemPrompt | str | None = None,

@@ -47,7 +47,7 @@ def trained_system(choices):
 
 def system_prompt(text, use_default) -> SystemPrompt:
     """The page's system prompt box and template-default switch as one ``SystemPrompt``."""
-    return SystemPrompt((text or "").strip() or None, bool(use_default))
+    return SystemPrompt.typed(text, use_default)
 
 
 def respond(message, history, model, kind, choices, weights, system, use_default, temperature, top_p, top_k,
