@@ -210,6 +210,8 @@ class Recipe:
         r = self.data.report
         self.cb.log(f"data: {r.train_rows} training rows, {r.val_rows} validation rows "
                     f"({r.format}, template {r.template}, {r.truncated} truncated)")
+        for line in r.skipped_lines():  # rows left out (a broken line, a missing field): say which, where
+            self.cb.log(f"skipped {line}")
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
 
