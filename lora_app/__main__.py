@@ -10,6 +10,9 @@ import sys
 # command -> (the module whose main(argv) runs it, argv starting with the command; what it does)
 COMMANDS = {
     "train": ("lora_app.training.cli", "train a LoRA adapter (the run is recorded where the studio shows it)"),
+    "sweep": ("lora_app.training.sweep", "train one adapter per combination of a few settings' values, and compare"),
+    "probes": ("lora_app.training.runs_cli", "list a run's probe answers at every step, with scores and ratings"),
+    "promote": ("lora_app.training.runs_cli", "make one of a run's checkpoints its adapter for chat and exports"),
     "generate": ("lora_app.inference.cli", "generate a reply with a base model and adapters"),
     "export": ("lora_app.inference.cli", "write a merged model folder and/or an adapter zip, or push to the Hub"),
     "studio": ("lora_app.studio", "serve the studio in the browser (as `python app.py` does)"),

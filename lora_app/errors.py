@@ -79,3 +79,12 @@ class RunNotFound(UserError):
     def __init__(self, run_id: str):
         super().__init__("That run no longer exists: it was deleted. Pick another run.")
         self.run_id = run_id
+
+
+class NoCheckpoint(UserError):
+    """A run has no checkpoint adapter at ``step`` (``saved``: the steps it has, in words)."""
+
+    def __init__(self, run_name: str, step: int, saved: str):
+        super().__init__(f"Run {run_name} saved no checkpoint at step {step} (checkpoints: {saved}). Train with "
+                         "'save every' set to keep the adapters of the steps you want to choose from.")
+        self.run_name, self.step, self.saved = run_name, step, saved

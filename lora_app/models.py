@@ -24,7 +24,6 @@ from lora_app.lora import export_merged
 from lora_app.lora.config import QUANTIZATIONS
 from lora_app.model_source import (DEFAULT_MODEL, EMBEDDED_PACKAGE, base_model_id, check_source, converted_default,
                                    is_default)
-from lora_app.paths import app_home
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -161,3 +160,14 @@ def _without_cpu_kernels_warning(record: logging.LogRecord) -> bool:
     when it is imported on a CPU with AVX512-BF16: those kernels are an optional speed-up (4-bit works
     without them) and not one of this app's requirements, so the line would only alarm the user."""
     return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a reply: the tokenizer's EOS and whatever the model's generation config
+    lists (instruct models often have several, e.g. <|im_end|> and <|endoftext|>)."""
+    ids: list[int] = []
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids

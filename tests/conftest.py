@@ -64,6 +64,12 @@ def save_tiny(kind: str, folder, seed: int = 0):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny llama folder, once per test module."""
+    return str(save_tiny("llama", tmp_path_factory.mktemp("model") / "tiny-llama"))
+
+
 @pytest.fixture(params=["llama", "qwen2", "gpt2"])
 def model_kind(request):
     return request.param

@@ -15,7 +15,8 @@ from conftest import save_tiny
 from lora_app.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-UNKNOWN = "error: unknown command 'x' (choose from train, generate, export, studio)\n"
+COMMANDS = ["train", "sweep", "probes", "promote", "generate", "export", "studio"]
+UNKNOWN = f"error: unknown command 'x' (choose from {', '.join(COMMANDS)})\n"
 
 
 def run_python(args, cwd, pythonpath, timeout=120):
@@ -26,7 +27,7 @@ def run_python(args, cwd, pythonpath, timeout=120):
 def assert_lists_commands(out):
     assert out.returncode == 0, out.stderr
     listed = {line.split()[0]: line.split(None, 1)[1] for line in out.stdout.splitlines() if line.startswith("  ")}
-    assert list(listed) == ["train", "generate", "export", "studio"]
+    assert list(listed) == COMMANDS
     assert all(about.strip() for about in listed.values())
 
 

@@ -19,11 +19,6 @@ QA = [("What is the capital of France?", "Paris."), ("Say hi.", "Hi!"), ("2+2?",
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return str(save_tiny("llama", tmp_path_factory.mktemp("model") / "tiny-llama"))
-
-
-@pytest.fixture(scope="module")
 def qa_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "qa.json"
     rows = [{"instruction": q, "input": "", "output": a} for q, a in QA * 4]

@@ -1,6 +1,8 @@
 """End to end in a real headless Chromium: upload a dataset, choose its system prompt, set a short run on
-a tiny model, reload (the settings and the file stay), train and watch its phases and the loss chart
-grow, reload again and find the run, then chat with the trained adapter as it was trained.
+a tiny model with probe prompts, reload (the settings and the file stay), train and watch its phases and
+the loss chart grow, reload again and find the run; see its probe answers change over the steps, vote
+blind between two of them, promote a checkpoint, export it and chat with it as it was trained; then
+queue a 2x2 sweep and overlay its four runs' curves.
 
 The app runs as `python app.py` in a subprocess (as a user starts it), with its own home, run store
 and a free port; LORA_APP_MODEL makes the page start on a tiny local model so the run takes seconds.
@@ -96,6 +98,18 @@ def loss_points(page) -> int:
         return plot && plot.data && plot.data.length ? plot.data[0].x.length : 0; }""")
 
 
+def set_number(page, label: str, value) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def plot_points(page, chart: str) -> list[int]:
+    """The number of points of each trace of a chart."""
+    return page.evaluate(f"""() => (document.querySelector('{chart} .js-plotly-plot')?.data || [])
+        .map(t => (t.x || []).length)""")
+
+
 def test_upload_train_reload_and_chat(studio, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -124,11 +138,10 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         # 2. settings: a short run that fits the tiny model's 128 positions
         page.get_by_role("tab", name="2 · Model & LoRA").click()
         expect(page.locator("#estimate")).to_contain_text("trainable parameters")
+        page.get_by_text("More", exact=True).click()
         for label, value in (("Sequence length", 96), ("Max steps (0 = use epochs)", 12), ("Validation fraction", 0.1),
-                             ("Eval every", 4)):
-            box = page.get_by_label(label, exact=True)
-            box.fill(str(value))
-            box.press("Tab")
+                             ("Eval every", 4), ("Save every", 4)):
+            set_number(page, label, value)
         page.get_by_text("Save / load settings and the equivalent command").click()
         expect(page.locator("#cli-command")).to_contain_text("--max-steps 12", timeout=30_000)
         expect(page.locator("#cli-command")).to_contain_text("--no-default-system-prompt")
@@ -146,6 +159,12 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         # 3. train: a double click starts one run; the loss chart gains points
         page.get_by_role("tab", name="3 · Train").click()
         expect(page.locator("#train-summary")).to_contain_text("12 steps")
+        # probe prompts: typed ones and a validation row with its answer as the reference
+        page.locator("#probe-settings").get_by_text("Probe prompts").first.click()
+        page.locator("#probe-prompts textarea").fill("Who are you?\nTell me a joke.")
+        page.locator("#probe-prompts textarea").press("Tab")
+        set_number(page, "Probe rows", 1)
+        set_number(page, "Probe answer tokens", 12)
         page.locator("#start-training").dblclick()
         expect(page.locator("#train-status")).to_contain_text("Started")
         expect(page.locator("#run-progress [data-phase]").first).to_be_visible(timeout=10_000)  # from the start
@@ -165,19 +184,46 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         # 4. reload: the page re-attaches to the run and follows it to the end
         page.reload()
         page.get_by_role("tab", name="3 · Train").click()
-        expect(page.locator("#run-progress")).to_contain_text(name)
+        expect(page.locator("#run-progress")).to_contain_text(name, timeout=30_000)  # the worker holds a core
         expect(page.locator("#train-summary")).to_contain_text("pirate.jsonl")  # the dataset choice survived
         expect(page.locator("#run-progress .lora-progress")).to_have_attribute("data-status", "completed",
                                                                                 timeout=150_000)
         page.wait_for_function("() => document.querySelector('#loss-chart .js-plotly-plot')?.data?.[0]?.x?.length >= 12")
         phases = page.evaluate("() => [...document.querySelectorAll('#run-progress [data-phase]')].map(e => e.dataset.phase)")
-        assert phases == ["starting", "preparing data", "loading model", "first step", "training", "evaluating",
-                          "saving"], phases
+        assert phases == ["starting", "preparing data", "loading model", "probing", "first step", "training",
+                          "evaluating", "saving"], phases
         page.screenshot(path=shots / "4-reloaded.png")
 
-        # 5. export GGUF + Ollama from the Runs tab: the template check passes; then chat with the adapter
+        # 5. the probe answers at step 0 (the base model) and every checkpoint, scored against the reference
         page.get_by_role("tab", name="4 · Runs & adapters").click()
         expect(page.locator("#runs-table")).to_contain_text("completed")
+        timeline = page.locator("#probe-timeline")
+        expect(timeline).to_contain_text("base (step 0)")
+        expect(timeline.locator(".lora-probe")).to_have_count(3)
+        steps = timeline.locator(".lora-probe").first.locator("tr[data-step]")
+        assert [steps.nth(i).get_attribute("data-step") for i in range(steps.count())] == ["0", "4", "8", "12"]
+        answers = [steps.nth(i).locator("td").nth(1).inner_text() for i in range(4)]
+        assert len(set(answers)) > 1, answers  # training changed what the model answers
+        expect(timeline).to_contain_text("reference:")
+        page.wait_for_function("() => document.querySelector('#probe-chart .js-plotly-plot')?.data?.length >= 3")
+
+        # 6. a blind vote: two answers, origins hidden; the vote names them and the rating chart shows it
+        page.locator("#vote-next").click()
+        expect(page.locator("#vote-pair")).to_contain_text("Answer B")
+        assert "step" not in page.locator("#vote-pair").inner_text().lower()
+        page.locator("#vote-a").click()
+        expect(page.locator("#vote-status")).to_contain_text("A was")
+        page.wait_for_function("() => document.querySelector('#rating-chart .js-plotly-plot')?.data?.[0]?.x?.length >= 2")
+        page.screenshot(path=shots / "6-votes.png", full_page=True)
+
+        # 7. promote the checkpoint at step 4: export and chat then use it (the final adapter stays)
+        page.locator("#promote-step input").click()
+        page.get_by_role("option", name="checkpoint at step 4").click()
+        page.locator("#promote").click()
+        expect(page.locator("#promote-note")).to_contain_text("checkpoint at step 4")
+        expect(timeline).to_contain_text("promoted")
+
+        # 8. export GGUF + Ollama from the Runs tab: the template check passes; then chat with the adapter
         page.locator("#runs-gguf").click()
         expect(page.locator("#runs-status")).to_contain_text("Ollama Modelfile: identical", timeout=120_000)
         expect(page.locator("#runs-status")).to_contain_text("GGUF chat template: identical")
@@ -189,9 +235,36 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         page.locator("#chat-input textarea").fill("Who are you?")
         page.locator("#chat-input textarea").press("Enter")
         expect(page.locator("#chat-status")).to_contain_text("tokens/s", timeout=60_000)
-        expect(page.locator("#chat-status")).to_contain_text(name.replace(".", "_"))
+        expect(page.locator("#chat-status")).to_contain_text(name.replace(".", "_") + "-step4")
         expect(page.locator("#chatbot")).to_contain_text("Who are you?")
-        page.screenshot(path=shots / "5-chat.png")
+        page.screenshot(path=shots / "8-chat.png")
+
+        # 9. a 2x2 sweep of short runs queues four runs; the Runs tab overlays their curves
+        page.get_by_role("tab", name="2 · Model & LoRA").click()
+        set_number(page, "Max steps (0 = use epochs)", 3)
+        page.get_by_role("tab", name="3 · Train").click()
+        expect(page.locator("#train-summary")).to_contain_text("3 steps")
+        page.locator("#sweep-settings").get_by_text("Sweep").first.click()
+        page.locator("#sweep-grid textarea, #sweep-grid input").first.fill("rank=2,4; alpha=4,8")
+        page.locator("#sweep-start").click()
+        expect(page.locator("#train-status")).to_contain_text("Queued a sweep of 4 runs")
+        store = RunStore(home / "runs")
+        deadline = time.time() + 240
+        while sum(r.status == "completed" for r in store.list()) < 5:
+            assert not any(r.status == "failed" for r in store.list()), [r.error for r in store.list()]
+            assert time.time() < deadline, [(r.name, r.status) for r in store.list()]
+            page.wait_for_timeout(1000)
+        page.get_by_role("tab", name="4 · Runs & adapters").click()
+        page.locator("#runs-refresh").click()
+        page.wait_for_function("""() => (document.querySelector('#overlay-chart .js-plotly-plot')?.data || [])
+            .filter(t => (t.x || []).length >= 3).length >= 4""")
+        expect(page.locator("#overlay-table")).to_contain_text("rank")
+        expect(page.locator("#overlay-table")).to_contain_text("alpha")
+        page.screenshot(path=shots / "9-sweep.png", full_page=True)
+        page.locator("#runs-compare").click()
+        expect(page.locator("#compare-out")).to_contain_text("type a prompt and press Compare")
+        for label in ("rank2-alpha4", "rank2-alpha8", "rank4-alpha4", "rank4-alpha8"):
+            expect(page.locator("#compare-adapters")).to_contain_text(label)
         browser.close()
     if os.environ.get("LORA_APP_SHOTS"):  # to look at the layout: LORA_APP_SHOTS=/tmp/shots pytest ...
         shutil.copytree(shots, os.environ["LORA_APP_SHOTS"], dirs_exist_ok=True)

@@ -8,13 +8,8 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from conftest import CHATML, save_tiny
+from conftest import CHATML
 from lora_app.training.config import TrainConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return str(save_tiny("llama", tmp_path_factory.mktemp("model") / "tiny-llama"))
 
 
 @pytest.fixture
@@ -201,6 +196,26 @@ def test_double_click_starts_one_run(home, tiny_llama, dataset, no_worker):
     assert len(names) == 2 and any(n.startswith("pirate-lora-r16-") for n in names)
 
 
+def test_a_sweep_queues_one_run_per_combination_or_nothing(home, tiny_llama, dataset, no_worker):
+    from lora_app.ui.common import run_store
+    from lora_app.ui.train_tab import start_sweep
+
+    values = form_list(model=tiny_llama, seq_len=64, max_steps=3, probe_prompts="Who are you?")
+    status, watch, overlaid = start_sweep("grid", "rank=2,4; alpha=4,8", dataset, *values)
+    assert status.startswith("Queued a sweep of 4 runs"), status
+    runs = run_store().list()
+    assert sorted(r.name for r in runs) == ["grid-rank2-alpha4", "grid-rank2-alpha8", "grid-rank4-alpha4",
+                                            "grid-rank4-alpha8"]
+    assert {(r.config["rank"], r.config["alpha"]) for r in runs} == {(2, 4), (2, 8), (4, 4), (4, 8)}
+    assert all(r.config["probe_prompts"] == ["Who are you?"] and r.config["max_steps"] == 3 for r in runs)
+    assert len(no_worker) == 4 and sorted(overlaid["value"]) == sorted(r.id for r in runs)
+    assert len({r.output for r in runs}) == 4  # a folder each
+    for bad in ("rnak=2,4", "rank=2,x", "rank=0,4", "seq_len=64,4096"):
+        status, watch, overlaid = start_sweep("grid", bad, dataset, *values)
+        assert status.startswith("**Cannot queue the sweep:**"), (bad, status)
+        assert len(run_store().list()) == 4  # a mistake in any combination queues none of them
+
+
 def test_cancel_resume_and_queue(home, tiny_llama, dataset, no_worker):
     from lora_app.errors import UserError
     from lora_app.ui.common import run_store
@@ -300,8 +315,9 @@ def test_runs_table_details_and_diff(finished_run, tiny_llama, dataset):
     assert "Settings that differ from other" in details and "| rank | 4 | 8 |" in details
     assert "| rank | 4 | 8 |" in run_details(finished_run.id, None)  # against the CLI defaults (rank 8)
     assert config_diff({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == [("b", 2, 3), ("c", None, 4)]
-    table, pick, _, text = refresh(None, None)
+    table, pick, _, text, overlaid, _, overlay_table = refresh(None, None, [finished_run.id, "gone"])
     assert len(table) == 2 and pick["value"] in (finished_run.id, other.id)
+    assert overlaid["value"] == [finished_run.id] and "final loss" in overlay_table
 
 
 def test_zip_delete_with_confirmation(finished_run):
@@ -501,7 +517,6 @@ def test_publish_writes_a_chat_space_that_answers_through_gradio_client(finished
     import socket
     import subprocess
     import sys
-    import time
 
     from gradio_client import Client
 

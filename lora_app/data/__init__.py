@@ -69,6 +69,6 @@ __getattr__, __all__ = exports(__name__, {
     "pipeline": ("DEFAULT_MAX_FILE_BYTES", "DEFAULT_SEQ_LEN", "PreparedData", "load_split", "prepare_dataset"),
     "preview": ("LengthStats", "Preview", "preview_dataset"),
     "report": ("DataReport",),
-    "templates": ("NAMED_TEMPLATES", "PromptFormat", "SystemPrompt"),
+    "templates": ("NAMED_TEMPLATES", "PromptFormat", "SystemPrompt", "prompt_texts"),
 })
 __all__ += ["DEMO_DATASET"]

@@ -43,6 +43,7 @@ class PreparedData:
     lengths: list[int]
     systems: list[str]  # per training example: where its system prompt comes from (SYSTEM_SOURCES)
     template: ChatTemplate  # what the conversations were rendered with
+    val_samples: list[Sample]  # the validation rows as read (probe prompts and their references come from them)
 
 
 def prepare_dataset(
@@ -92,7 +93,7 @@ def prepare_dataset(
         train, val = pack_examples(train, seq_len), pack_examples(val, seq_len)
         report.packed_sequences = len(train)
     return PreparedData(train=train, val=val, report=report, lengths=lengths, systems=systems,
-                        template=chat_template)
+                        template=chat_template, val_samples=val_samples)
 
 
 def load_split(

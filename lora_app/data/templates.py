@@ -253,6 +253,14 @@ def render_segments(sample: Sample, tokenizer, template: ChatTemplate) -> list[S
     return [segment for segment in segments if segment[0]]
 
 
+def prompt_texts(messages: list[dict], tokenizer, template: ChatTemplate, system: SystemPrompt) -> list[str]:
+    """What training puts before the reply to ``messages`` (a conversation ending in a user turn), as
+    the texts it tokenizes one by one (as :func:`render_segments` does): the input that asks the model
+    for an answer the way training taught it. Raises :class:`RowSkip` when the template refuses it."""
+    messages, _ = system.apply(list(messages), template_system_prompt(tokenizer, template))
+    return [text for text in (template.bos, _render(tokenizer, template, messages, generation_prompt=True)) if text]
+
+
 def _render(tokenizer, template: ChatTemplate, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(

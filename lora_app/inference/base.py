@@ -25,11 +25,12 @@ from lora_app.inference.export import write_merged
 from lora_app.inference.gguf_export import GgufExport, export_gguf, write_adapter_gguf
 from lora_app.inference.modes import Mode
 from lora_app.data.templates import PromptFormat, SystemPrompt
-from lora_app.inference.prompts import encode_prompt, eos_token_ids
+from lora_app.inference.prompts import encode_prompt
 from lora_app.inference.settings import GenerationSettings
 from lora_app.inference.sources import adapter_name_for, resolve_source
 from lora_app.inference.streaming import Generation, GenerationStream
 from lora_app.lora import is_merged, merge_adapters, set_active_adapters, unmerge_adapters
+from lora_app.models import eos_token_ids
 
 
 @dataclass(frozen=True)

@@ -92,14 +92,3 @@ def encode_prompt(tokenizer, prompt: str, *, history: Iterable | None = None,
     template = ChatTemplate(TOKENIZER_TEMPLATE, getattr(tokenizer, "chat_template", None) or "")
     default = template_system_prompt(tokenizer, template) if template.source else None
     return encode_messages(tokenizer, chat_messages(prompt, history, system, default))
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a reply: the tokenizer's EOS and whatever the model's generation config
-    lists (instruct models often have several, e.g. <|im_end|> and <|endoftext|>)."""
-    ids: list[int] = []
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        for i in value if isinstance(value, (list, tuple)) else [value]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids

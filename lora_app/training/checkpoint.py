@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_app.data import PromptFormat
 from lora_app.lora import save_adapter
 from lora_app.paths import atomic_folder
 
@@ -38,8 +39,10 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(folder: Path, model, adapter_name: str, optimizer, scheduler, trainer_state: dict) -> Path:
-    """Write everything needed to resume at ``trainer_state["step"]``, atomically."""
+def save_checkpoint(folder: Path, model, adapter_name: str, optimizer, scheduler, trainer_state: dict,
+                    prompt_format: PromptFormat | None = None) -> Path:
+    """Write everything needed to resume at ``trainer_state["step"]``, atomically. With the run's
+    ``prompt_format``, the checkpoint's adapter chats as the final one would (it may be promoted)."""
     tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -49,6 +52,8 @@ def save_checkpoint(folder: Path, model, adapter_name: str, optimizer, scheduler
 
     def write(tmp: Path):
         save_adapter(model, adapter_name, tmp / "adapter")
+        if prompt_format is not None:
+            prompt_format.save(tmp / "adapter")
         save_file(tensors, tmp / "optimizer.safetensors")
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, default=_jsonable))

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from lora_app.data import parse_mapping
 from lora_app.errors import DataError, UserError
@@ -51,8 +52,9 @@ def _add_option(group, f) -> None:
         shown = f"default: unset = {f.metadata['unset']}"
     else:
         shown = f"default: {f.default}"
-    group.add_argument(flag(f.name), type=_mapping if kind is dict else kind, choices=f.metadata["choices"],
-                       metavar="FIELD=COLUMN,..." if kind is dict else None, help=f"{help_text} ({shown})")
+    convert, metavar = {dict: (_mapping, "FIELD=COLUMN,..."), list: (_lines, "FILE")}.get(kind, (kind, None))
+    group.add_argument(flag(f.name), type=convert, choices=f.metadata["choices"], metavar=metavar,
+                       help=f"{help_text} ({shown})")
 
 
 def _mapping(text: str) -> dict:
@@ -60,6 +62,18 @@ def _mapping(text: str) -> dict:
         return parse_mapping(text) or {}
     except DataError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _lines(path: str) -> list[str]:
+    """A list setting from a file: one item per non-blank line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise argparse.ArgumentTypeError(f"{path} holds no lines: write one item per line")
+    return lines
 
 
 def build_config(args: dict) -> TrainConfig:

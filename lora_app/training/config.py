@@ -26,6 +26,7 @@ from lora_app.training.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BATCHINGS = ("grouped", "random", "packed")  # see training/batches.py
+MAX_PROBES = 8  # probe prompts a run may carry: each one is answered at every evaluation
 GROUPS = ("data", "model", "adapter", "optimization", "evaluation and checkpoints", "run")
 
 
@@ -120,6 +121,17 @@ class TrainConfig:
                               at_least=0, resumable=True)
     log_every: int = setting(1, "log metrics every this many steps", "evaluation and checkpoints",
                              label="log every", above=0, resumable=True)
+    probe_prompts: list[str] | None = setting(None, "prompts the run answers at step 0 (the base model), at every "
+                                              "evaluation and checkpoint, and at the end, so you see the answers "
+                                              "change (on the command line: a file, one prompt per line)",
+                                              "evaluation and checkpoints", label="probe prompts", unset="none",
+                                              resumable=True)
+    probe_rows: int = setting(0, "also probe with this many validation rows, their answers kept as references "
+                              "(each answer is scored by token F1 against its reference)", "evaluation and checkpoints",
+                              label="probe rows", at_least=0, resumable=True)
+    probe_tokens: int = setting(48, "longest probe answer, in tokens (greedy: the same prompt at the same step always "
+                                "gets the same answer)", "evaluation and checkpoints", label="probe answer tokens",
+                                above=0, resumable=True)
     # run
     output: str | None = setting(None, "run folder (never overwritten; resume continues one)", "run",
                                  required=True)
@@ -145,6 +157,13 @@ class TrainConfig:
             found.update(err.problems)
         if self.max_steps is not None:
             found.pop("epochs", None)  # epochs are not used
+        probes = len(self.probe_prompts) if isinstance(self.probe_prompts, list) else 0
+        probes += self.probe_rows if isinstance(self.probe_rows, int) else 0
+        if probes > MAX_PROBES and "probe_prompts" not in found:
+            found["probe_prompts"] = (f"{probes} probe prompts (typed and validation rows together): at most "
+                                      f"{MAX_PROBES}, as every one is answered at every evaluation")
+        if self.probe_rows and not (self.val_fraction or self.val_data):
+            found["probe_rows"] = "probe rows come from the validation rows: set a validation fraction or file"
         if self.variant == "delta-lora" and self.quantization != "none":
             found["quantization"] = "delta-lora updates the base weights, so it needs quantization 'none'"
         order = [f.name for f in fields(self)]
@@ -233,11 +252,11 @@ def label(f) -> str:
 
 
 def value_type(f) -> type:
-    """The field's value type without None: int, float, bool, str or dict."""
+    """The field's value type without None: int, float, bool, str, dict or list (of text)."""
     hint = typing.get_type_hints(TrainConfig)[f.name]
     if isinstance(hint, types.UnionType):
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
+    return typing.get_origin(hint) or hint
 
 
 def optional(f) -> bool:
@@ -253,6 +272,9 @@ def _check(f, value) -> str | None:
     if meta["choices"] is not None:
         return None if value in meta["choices"] else \
             f"unknown {name} {value!r} (choose from {', '.join(meta['choices'])})"
+    if kind is list:
+        ok = isinstance(value, list) and all(isinstance(item, str) and item.strip() for item in value)
+        return None if ok else f"the {name} must be a list of non-empty texts (got {value!r})"
     if kind is dict:
         ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
         return None if ok else f"the {name} must map field names to column names (got {value!r})"

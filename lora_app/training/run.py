@@ -171,6 +171,9 @@ def summary_lines(status: str, s: dict, output: str) -> list[str]:
     lines = [f"{status}: {s['steps']} of {s['total_steps']} steps in {s['wall_seconds']:.0f} s "
              f"({s['useful_tokens_per_second']:.0f} tokens/s, {s['precision']} on {s['device']}); {losses}",
              f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB (estimated {s['memory_estimate_bytes'] / 2**30:.2f})"]
+    if s.get("probe_seconds"):
+        lines.append(f"probe answers took {s['probe_seconds']:.1f} s "
+                     f"({100 * s['probe_seconds'] / max(s['wall_seconds'], 1e-9):.1f} % of the run)")
     if status == "completed":
         lines.append(f"adapter: {Path(output) / 'adapter'}")
     return lines
@@ -207,7 +210,17 @@ def _callbacks(config: TrainConfig, store, run_id, stop: threading.Event, done: 
             store.enter_phase(run_id, phase, detail)
         console.phase(phase, detail)
 
-    return Callbacks(on_start=on_start, on_log=on_log, should_stop=stop.is_set, log=console.say, on_phase=on_phase)
+    def on_probes(step: int, answers: list[dict]) -> None:
+        with open(Path(config.output) / "probes.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": step, **answer}) + "\n" for answer in answers)
+        if store is not None:
+            store.log_probes(run_id, step, answers)
+        scores = [a["score"] for a in answers if a["score"] is not None]
+        console.say(f"probes at step {step}: {len(answers)} answers in {sum(a['seconds'] for a in answers):.1f} s"
+                    + (f", mean token F1 {sum(scores) / len(scores):.3f}" if scores else ""))
+
+    return Callbacks(on_start=on_start, on_log=on_log, should_stop=stop.is_set, log=console.say, on_phase=on_phase,
+                     on_probes=on_probes)
 
 
 def explain(err: Exception) -> str:

@@ -1,6 +1,7 @@
 """The run store: one folder per run plus an embedded SQLite database the UI reads.
 
-    <root>/runs.db            runs (status, heartbeat, config, summary) and their metrics
+    <root>/runs.db            runs (status, heartbeat, config, summary), their metrics, their probe
+                              answers at each evaluation, and the blind votes between answers
     <root>/<run id>/          the run folder of a run started from the UI (a CLI run may use any
                               --output folder; it is registered here all the same)
 
@@ -20,13 +21,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_app.errors import RunNotFound
+from lora_app.errors import NoCheckpoint, RunNotFound
 from lora_app.paths import app_home
 
 FINISHED = ("completed", "failed", "cancelled")
 # what a running job is doing, in the order a run goes through them (it returns to training after each
 # evaluation and checkpoint); each is recorded with when it began, so its time can be shown
-PHASES = ("starting", "preparing data", "loading model", "first step", "training", "evaluating", "saving")
+PHASES = ("starting", "preparing data", "loading model", "probing", "first step", "training", "evaluating", "saving")
+WINNERS = ("a", "b", "tie")  # a blind vote: answer A is better, answer B is, or neither
 HEARTBEAT_TIMEOUT = 90.0  # seconds without a heartbeat before a running job counts as dead
 
 _SCHEMA = """
@@ -48,7 +50,8 @@ CREATE TABLE IF NOT EXISTS runs (
     estimate TEXT,
     summary TEXT,
     error TEXT,
-    phases TEXT  -- JSON list of {"phase", "detail", "at"}
+    phases TEXT,  -- JSON list of {"phase", "detail", "at"}
+    promoted_step INTEGER  -- the checkpoint chat, compare and exports use instead of the final adapter
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL,
@@ -56,7 +59,27 @@ CREATE TABLE IF NOT EXISTS metrics (
     values_json TEXT NOT NULL,
     PRIMARY KEY (run_id, step, values_json)
 );
+CREATE TABLE IF NOT EXISTS probe_answers (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,  -- 0: before training (the base model)
+    probe INTEGER NOT NULL,  -- its place in the run's probe list
+    prompt TEXT NOT NULL,
+    reference TEXT,
+    answer TEXT NOT NULL,
+    score REAL,  -- token F1 against the reference
+    seconds REAL NOT NULL,  -- its share of the time the step's probes took
+    PRIMARY KEY (run_id, step, probe)
+);
+CREATE TABLE IF NOT EXISTS votes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt TEXT NOT NULL,
+    a_run TEXT NOT NULL, a_step INTEGER NOT NULL,
+    b_run TEXT NOT NULL, b_step INTEGER NOT NULL,
+    winner TEXT NOT NULL CHECK (winner IN ('a', 'b', 'tie')),
+    at REAL NOT NULL
+);
 """
+_ADDED_COLUMNS = {"phases": "TEXT", "promoted_step": "INTEGER"}  # columns a store made by an older version lacks
 
 
 @dataclass
@@ -79,6 +102,7 @@ class Run:
     summary: dict | None = None
     error: str | None = None
     phases: list[dict] = field(default_factory=list)
+    promoted_step: int | None = None
 
     @property
     def log_path(self) -> Path:
@@ -86,7 +110,21 @@ class Run:
 
     @property
     def adapter_path(self) -> Path:
+        """The adapter chat, compare, merge and exports use: the promoted checkpoint's, else the final one."""
+        return self.final_adapter_path if self.promoted_step is None else self.checkpoint_adapter(self.promoted_step)
+
+    @property
+    def final_adapter_path(self) -> Path:
         return Path(self.output) / "adapter"
+
+    def checkpoint_adapter(self, step: int) -> Path:
+        return Path(self.output) / "checkpoints" / f"checkpoint-{step}" / "adapter"
+
+    def checkpoint_steps(self) -> list[int]:
+        """The steps whose checkpoint holds an adapter (each one can be promoted), in order."""
+        folder = Path(self.output) / "checkpoints"
+        steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+        return sorted(step for step in steps if self.checkpoint_adapter(step).is_dir())
 
 
 def default_root() -> Path:
@@ -106,8 +144,9 @@ class RunStore:
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
-            if "phases" not in columns:  # a store made before phases were recorded
-                db.execute("ALTER TABLE runs ADD COLUMN phases TEXT")
+            for name, kind in _ADDED_COLUMNS.items():
+                if name not in columns:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
         finally:
             db.close()
 
@@ -226,6 +265,8 @@ class RunStore:
     def delete(self, run_id: str) -> None:
         with self._connect(immediate=True) as db:
             db.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+            db.execute("DELETE FROM probe_answers WHERE run_id = ?", (run_id,))
+            db.execute("DELETE FROM votes WHERE a_run = ? OR b_run = ?", (run_id, run_id))
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     # -- metrics ----------------------------------------------------------------------------
@@ -242,9 +283,54 @@ class RunStore:
         return [{"step": row["step"], **json.loads(row["values_json"])} for row in rows]
 
     def truncate_metrics(self, run_id: str, after_step: int) -> None:
-        """Drop records logged after ``after_step`` (a resumed run logs them again)."""
+        """Drop the metrics and probe answers logged after ``after_step`` (a resumed run logs them again)."""
         with self._connect(immediate=True) as db:
             db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, after_step))
+            db.execute("DELETE FROM probe_answers WHERE run_id = ? AND step > ?", (run_id, after_step))
+
+    # -- probe answers, votes, promotion ---------------------------------------------------------
+    def log_probes(self, run_id: str, step: int, answers: list[dict]) -> None:
+        """The run's answers to its probe prompts at ``step``: dicts with probe, prompt, reference,
+        answer, score and seconds (the same step again replaces them)."""
+        with self._connect(immediate=True) as db:
+            db.executemany("INSERT OR REPLACE INTO probe_answers (run_id, step, probe, prompt, reference, answer, score,"
+                           " seconds) VALUES (?,?,?,?,?,?,?,?)",
+                           [(run_id, step, a["probe"], a["prompt"], a.get("reference"), a["answer"], a.get("score"),
+                             a["seconds"]) for a in answers])
+
+    def probe_answers(self, *run_ids: str) -> list[dict]:
+        """Every probe answer of these runs, by run, step and probe."""
+        marks = ",".join("?" * len(run_ids))
+        with self._connect() as db:
+            rows = db.execute(f"SELECT * FROM probe_answers WHERE run_id IN ({marks}) ORDER BY run_id, step, probe",
+                              run_ids).fetchall()
+        return [dict(row) for row in rows]
+
+    def add_vote(self, prompt: str, a: tuple[str, int], b: tuple[str, int], winner: str) -> None:
+        """A blind vote between two answers to ``prompt``: ``a`` and ``b`` are (run id, step)."""
+        if winner not in WINNERS:
+            raise ValueError(f"winner must be one of {WINNERS}, not {winner!r}")
+        with self._connect(immediate=True) as db:
+            db.execute("INSERT INTO votes (prompt, a_run, a_step, b_run, b_step, winner, at) VALUES (?,?,?,?,?,?,?)",
+                       (prompt, *a, *b, winner, time.time()))
+
+    def votes(self, *run_ids: str) -> list[dict]:
+        """The votes between answers of these runs (both sides among them), oldest first."""
+        marks = ",".join("?" * len(run_ids))
+        with self._connect() as db:
+            rows = db.execute(f"SELECT * FROM votes WHERE a_run IN ({marks}) AND b_run IN ({marks}) ORDER BY id",
+                              (*run_ids, *run_ids)).fetchall()
+        return [dict(row) for row in rows]
+
+    def promote(self, run_id: str, step: int | None) -> Run:
+        """Make the checkpoint at ``step`` the run's adapter (None: the final adapter again). The final
+        adapter is never touched, so this is undone by promoting None."""
+        run = self.get(run_id)
+        if step is not None and not run.checkpoint_adapter(step).is_dir():
+            saved = ", ".join(map(str, run.checkpoint_steps())) or "none"
+            raise NoCheckpoint(run.name, step, saved)
+        self.update(run_id, promoted_step=step)
+        return self.get(run_id)
 
 
 def _run(row: sqlite3.Row) -> Run:

@@ -30,20 +30,22 @@ from accelerate.state import AcceleratorState
 from torch import nn
 from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 from lora_app.data import PreparedData, PromptFormat, collate, prepare_dataset
+from lora_app.data.errors import RowSkip
 from lora_app.errors import DataError, ModelLoadError, TrainConfigError, TrainingError
 from lora_app.hardware import choose_precision
 from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
 from lora_app.model_source import base_model_id
-from lora_app.models import default_device, load_config, load_model, load_tokenizer
+from lora_app.models import default_device, eos_token_ids, load_config, load_model, load_tokenizer
 from lora_app.paths import write_json
 from lora_app.training.batches import StepPlan
 from lora_app.training.checkpoint import load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
+from lora_app.training.probes import input_texts, probes_for, token_f1
 from lora_app.training.schedule import multiplier
 from lora_app.training.memory import estimate_memory, memory_now, token_budget
 from lora_app.training.preflight import (DATA_CHECK_ROWS, DATA_SETTINGS, check_output, finished_steps,
@@ -62,6 +64,7 @@ class Callbacks:
     should_stop: Callable[[], bool] = lambda: False            # a graceful cancel: checkpoint, then stop
     log: Callable[[str], None] = print
     on_phase: Callable[[str, str], None] = lambda phase, detail: None  # store.PHASES, and what it found
+    on_probes: Callable[[int, list[dict]], None] = lambda step, answers: None  # the probe answers at a step
 
 
 @dataclass
@@ -214,6 +217,24 @@ class Recipe:
             self.cb.log(f"skipped {line}")
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self._setup_probes()
+
+    def _setup_probes(self) -> None:
+        """The probe prompts as token ids, rendered as training renders a prompt."""
+        c = self.config
+        self.probes, self.probe_ids, self.probe_seconds = [], [], 0.0
+        for probe in probes_for(c.probe_prompts, c.probe_rows, self.data.val_samples):
+            try:
+                texts = input_texts(probe, self.tokenizer, self.data.template, c.system())
+            except RowSkip as skip:
+                self.cb.log(f"probe {probe.prompt[:40]!r} left out: {skip}")
+                continue
+            ids = [i for text in texts for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            self.probes.append(probe)
+            self.probe_ids.append(ids[-c.seq_len:])
+        if c.probe_rows and sum(p.reference is not None for p in self.probes) < c.probe_rows:
+            self.cb.log(f"probes: only {sum(p.reference is not None for p in self.probes)} of the {c.probe_rows} "
+                        "validation rows asked for have a question and an answer")
 
     def _setup_model(self) -> None:
         """The base model (quantized if asked), with a new adapter or the one being resumed."""
@@ -265,6 +286,8 @@ class Recipe:
         # (seconds, tokens) of the last steps, for the live speed and ETA; the first step warms up
         # (memory, kernels) and would understate both, so it only counts until another is done
         self.recent = deque(maxlen=SPEED_WINDOW)
+        if self.step == 0:
+            self._probe()  # the adapter is still zero: the base model's answers
         self.cb.on_phase("first step", "")
         while self.step < self.total_steps:
             began = time.perf_counter()
@@ -332,7 +355,8 @@ class Recipe:
         if self.accelerator.num_processes > 1:  # a cancel reaches the main process; every process must stop
             stop = bool(self.accelerator.reduce(torch.tensor([float(stop)], device=self.device), "sum").item())
         # the last step is evaluated in _finish, once
-        eval_loss = self._evaluate() if c.eval_every and step % c.eval_every == 0 and not last else None
+        evaluate = bool(c.eval_every) and step % c.eval_every == 0 and not last
+        eval_loss = self._evaluate() if evaluate else None
         self.eval_loss = eval_loss if eval_loss is not None else self.eval_loss
         if step % c.log_every == 0 or last or stop:
             seconds, tokens = (sum(values) for values in zip(*self.recent))
@@ -348,9 +372,11 @@ class Recipe:
         checkpoint = cancel or (c.save_every and (step % c.save_every == 0 or last))
         if checkpoint:
             self._checkpoint(wall)
+        if (evaluate or checkpoint) and not last:
+            self._probe()
         if cancel:
             self.cb.log(f"cancelled: checkpoint saved at step {step}; resume to continue")
-        elif (eval_loss is not None or checkpoint) and not last:
+        elif (eval_loss is not None or checkpoint or (evaluate and self.probes)) and not last:
             self.cb.on_phase("training", "")
         return cancel
 
@@ -369,13 +395,39 @@ class Recipe:
         self.loss_model.train()
         return total / max(count, 1)
 
+    def _probe(self) -> None:
+        """Greedy answers to the probe prompts with the adapter as it is now, scored where a reference
+        exists, to the callbacks (``on_probes``); their time goes to ``probe_seconds``. The prompts go
+        as one left-padded batch: a small model generates several answers in the time of one."""
+        if not self.probes or not self.main:
+            return
+        self.cb.on_phase("probing", f"{len(self.probes)} prompts at step {self.step}")
+        began = time.perf_counter()
+        width = max(map(len, self.probe_ids))
+        ids = torch.tensor([[self.pad_id] * (width - len(i)) + i for i in self.probe_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in self.probe_ids], device=self.device)
+        settings = GenerationConfig(max_new_tokens=self.config.probe_tokens, do_sample=False, use_cache=True,
+                                    eos_token_id=eos_token_ids(self.model, self.tokenizer), pad_token_id=self.pad_id)
+        self.loss_model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+        self.loss_model.train()
+        seconds = time.perf_counter() - began
+        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        answers = [dict(probe=i, prompt=probe.prompt, reference=probe.reference, answer=text.strip(),
+                        score=None if probe.reference is None else token_f1(text, probe.reference),
+                        seconds=seconds / len(self.probes))
+                   for i, (probe, text) in enumerate(zip(self.probes, texts))]
+        self.probe_seconds += seconds
+        self.cb.on_probes(self.step, answers)
+
     def _checkpoint(self, wall: float) -> None:
         self.cb.on_phase("saving", f"checkpoint at step {self.step}")
         self.accelerator.wait_for_everyone()
         if self.main:
             save_checkpoint(self.output / "checkpoints" / f"checkpoint-{self.step}", self.model, ADAPTER,
                             self.optimizer, self.scheduler,
-                            dict(step=self.step, train_tokens=self.train_tokens, wall_seconds=wall))
+                            dict(step=self.step, train_tokens=self.train_tokens, wall_seconds=wall), self.prompt_format)
 
     def _finish(self, status: str) -> Outcome:
         """Final evaluation and adapter (when completed), and the summary."""
@@ -384,6 +436,7 @@ class Recipe:
             self.eval_loss = self._evaluate()
             if self.eval_loss is not None:
                 self.cb.on_log(self.step, dict(eval_loss=self.eval_loss))
+            self._probe()
             if self.delta is not None:
                 self.delta.remove()
             self.cb.on_phase("saving", "the adapter")
@@ -400,7 +453,8 @@ class Recipe:
                        peak_rss_bytes=peak["peak_rss_bytes"], trainable_params=self.trainable,
                        total_params=self.total, wall_seconds=wall, memory_estimate_bytes=self.estimate["total_bytes"],
                        memory_estimate=self.estimate, precision=self.precision.name,
-                       precision_reason=self.precision.reason, device=str(self.device))
+                       precision_reason=self.precision.reason, device=str(self.device),
+                       probe_seconds=self.probe_seconds)
         if self.main:
             write_json(self.output / "summary.json", summary)
         return Outcome(status, summary)

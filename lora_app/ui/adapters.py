@@ -14,6 +14,7 @@ from pathlib import Path
 from lora_app.data import PromptFormat, SystemPrompt
 from lora_app.errors import AdapterNameTaken, UserError
 from lora_app.inference import InferenceEngine, Mode
+from lora_app.training.store import FINISHED
 from lora_app.ui.common import run_store
 
 _engine = None
@@ -52,8 +53,10 @@ def adapter_choices(model: str | None) -> list[tuple[str, str]]:
     """(label, value) for every adapter usable on ``model``: finished runs first, then uploads."""
     choices = []
     for run in run_store().list():
-        if run.status == "completed" and same_model(run.config.get("model"), model) and run.adapter_path.is_dir():
-            choices.append((run.name, f"run:{run.id}"))
+        # a cancelled run has an adapter once one of its checkpoints is promoted
+        if run.status in FINISHED and same_model(run.config.get("model"), model) and run.adapter_path.is_dir():
+            promoted = "" if run.promoted_step is None else f" (step {run.promoted_step})"
+            choices.append((run.name + promoted, f"run:{run.id}"))
     run_folders = {str(r.adapter_path.resolve()) for r in run_store().list()}
     eng = engine()
     for key in eng.loaded():
@@ -65,8 +68,10 @@ def adapter_choices(model: str | None) -> list[tuple[str, str]]:
 
 
 def adapter_name(run) -> str:
-    """The engine name for a run's adapter: the run's name, made acceptable (no dots)."""
-    return re.sub(r"[^A-Za-z0-9_\-]+", "_", run.name).strip("_") or "adapter"
+    """The engine name for a run's adapter: the run's name, made acceptable (no dots), and the step of
+    a promoted checkpoint (the engine then loads that adapter, not the one it holds for the run)."""
+    name = re.sub(r"[^A-Za-z0-9_\-]+", "_", run.name).strip("_") or "adapter"
+    return name if run.promoted_step is None else f"{name}-step{run.promoted_step}"
 
 
 def resolve(base, choice: str) -> str:

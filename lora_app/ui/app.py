@@ -7,6 +7,7 @@ sequence length from the Model & LoRA tab, Start reads the dataset from the Data
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ import gradio as gr
 
 from lora_app.data import DEMO_DATASET
 from lora_app.model_source import DEFAULT_MODEL_ID
-from lora_app.ui import adapters, chat_tab, compare_tab, data_tab, model_tab, runs_tab, train_tab
+from lora_app.ui import adapters, chat_tab, compare_tab, data_tab, judge, model_tab, runs_tab, train_tab
 from lora_app.training.store import default_root
 from lora_app.ui.common import browser_secret, friendly, run_store
 from lora_app.ui.space import device_summary
@@ -98,19 +99,34 @@ def wire(demo: gr.Blocks, ui) -> None:
                    trigger_mode="once", concurrency_limit=1, concurrency_id="start")
     ui.cancel.click(friendly(train_tab.cancel_run), ui.watch, ui.train_status)
     ui.resume.click(friendly(train_tab.resume_run), ui.watch, ui.train_status, concurrency_id="start")
+    ui.sweep_start.click(friendly(train_tab.start_sweep), [ui.run_name, ui.sweep_grid, ui.data_path, *form],
+                         [ui.train_status, ui.watch, ui.runs_overlay], concurrency_limit=1, concurrency_id="start")
     poll = dict(fn=train_tab.poll, inputs=[ui.watch, ui.smoothing, ui.log_scale, ui.seen],
                 outputs=[ui.progress, ui.loss_plot, ui.lr_plot, ui.grad_plot, ui.mem_plot, ui.queue, ui.log, ui.watch,
                          ui.seen], show_progress="hidden", concurrency_limit=None)
     ui.timer.tick(**poll)
     gr.on([ui.watch.input, ui.smoothing.release, ui.log_scale.input], **poll)
-    demo.load(friendly(train_tab.on_load), None, ui.watch)
+    demo.load(friendly(train_tab.on_load), None, ui.watch).then(**poll)  # the live view at once, not a tick later
 
     # -- runs & adapters --
-    runs_view = [ui.runs_table, ui.runs_pick, ui.runs_other, ui.runs_details]
-    refresh_runs = dict(fn=friendly(runs_tab.refresh), inputs=[ui.runs_pick, ui.runs_other], outputs=runs_view)
-    gr.on([ui.runs_tab.select, ui.runs_refresh.click], **refresh_runs)
+    runs_view = [ui.runs_table, ui.runs_pick, ui.runs_other, ui.runs_details, ui.runs_overlay, ui.overlay_chart,
+                 ui.overlay_table]
+    judge_view = dict(fn=friendly(judge.view), inputs=[ui.runs_pick, ui.runs_other],
+                      outputs=[ui.probe_timeline, ui.probe_chart, ui.rating_chart, ui.promote_step, ui.promote_note])
+    refresh_runs = dict(fn=friendly(runs_tab.refresh), inputs=[ui.runs_pick, ui.runs_other, ui.runs_overlay],
+                        outputs=runs_view)
+    gr.on([ui.runs_tab.select, ui.runs_refresh.click], **refresh_runs).then(**judge_view)
     gr.on([ui.runs_pick.input, ui.runs_other.input], friendly(runs_tab.run_details), [ui.runs_pick, ui.runs_other],
-          ui.runs_details)
+          ui.runs_details).then(**judge_view)
+    ui.vote_next.click(friendly(judge.draw_pair), [ui.runs_pick, ui.runs_other], [ui.vote_pair, ui.vote_state])
+    for button, winner in ((ui.vote_a, "a"), (ui.vote_tie, "tie"), (ui.vote_b, "b")):
+        button.click(friendly(functools.partial(judge.vote, winner=winner)),
+                     [ui.vote_state, ui.runs_pick, ui.runs_other],
+                     [ui.vote_status, ui.probe_timeline, ui.rating_chart, ui.vote_pair, ui.vote_state])
+    ui.promote.click(friendly(judge.promote), [ui.runs_pick, ui.promote_step], [ui.promote_note, ui.probe_timeline])
+    ui.runs_overlay.input(friendly(runs_tab.overlay), ui.runs_overlay, [ui.overlay_chart, ui.overlay_table])
+    ui.runs_compare.click(friendly(runs_tab.compare_runs), ui.runs_overlay,
+                          [ui.tabs, ui.chat_model, ui.cmp_adapters, ui.cmp_out])
     ui.runs_chat.click(friendly(chat_with_run), ui.runs_pick, [ui.tabs, ui.chat_model, ui.chat_mode, ui.chat_adapters,
                                                                ui.chat_system, ui.chat_default_system, ui.chat_status])
     ui.runs_load.click(friendly(runs_tab.load_settings), ui.runs_pick, [*form_view, *dataset, ui.tabs, ui.config_status]

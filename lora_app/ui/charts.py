@@ -83,3 +83,58 @@ def memory_figure(metrics: list[dict], estimate_bytes: float | None = None) -> g
         fig.add_hline(y=estimate_bytes / gib, line_dash="dash", line_color=COLORS["estimate"],
                       annotation_text="estimate", annotation_position="bottom right")
     return _layout(fig, "Memory (GiB)")
+
+
+PALETTE = ("#6366f1", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#a855f7", "#eab308", "#64748b")
+
+
+def probe_figure(metrics: list[dict], answers: list[dict]) -> go.Figure:
+    """The losses beside what they should predict: the mean token F1 of the probe answers against
+    their references at each step (right axis, 0 to 1)."""
+    fig = go.Figure()
+    for key, name, color in (("loss", "train loss", "loss"), ("eval_loss", "eval loss", "eval")):
+        steps, values = _series(metrics, key)
+        if values:
+            fig.add_trace(go.Scatter(x=steps, y=values, name=name, mode="lines+markers" if key == "eval_loss" else "lines",
+                                     line=dict(color=COLORS[color], width=2 if key == "eval_loss" else 1)))
+    scored: dict[int, list[float]] = {}
+    for answer in answers:
+        if answer["score"] is not None:
+            scored.setdefault(answer["step"], []).append(answer["score"])
+    if scored:
+        steps = sorted(scored)
+        fig.add_trace(go.Scatter(x=steps, y=[sum(scored[s]) / len(scored[s]) for s in steps], name="answer F1",
+                                 mode="lines+markers", yaxis="y2", line=dict(color=COLORS["grad"], width=2, dash="dot")))
+        fig.update_layout(yaxis2=dict(title="token F1", overlaying="y", side="right", range=[0, 1]))
+    fig = _layout(fig, "Losses and probe answer score", "loss")
+    fig.update_layout(margin=dict(l=55, r=55, t=36, b=36))
+    return fig
+
+
+def rating_figure(series: dict[str, list[tuple[int, float]]]) -> go.Figure:
+    """Blind-vote ratings (1000: an average answer) of each run's steps."""
+    fig = go.Figure()
+    for i, (name, points) in enumerate(series.items()):
+        points = sorted(points)
+        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=name, mode="lines+markers",
+                                 line=dict(color=PALETTE[i % len(PALETTE)], width=2), marker=dict(size=9)))
+    if series:
+        fig.add_hline(y=1000, line_dash="dash", line_color=COLORS["estimate"])
+    return _layout(fig, "Blind-vote rating per step", "rating")
+
+
+def overlay_figure(runs: list[tuple[str, list[dict]]]) -> go.Figure:
+    """Several runs' loss (line) and eval loss (dashed, with markers) on one chart, a color per run."""
+    fig = go.Figure()
+    for i, (name, metrics) in enumerate(runs):
+        color = PALETTE[i % len(PALETTE)]
+        steps, loss = _series(metrics, "loss")
+        fig.add_trace(go.Scatter(x=steps, y=loss, name=name, mode="lines", legendgroup=name,
+                                 line=dict(color=color, width=2)))
+        steps, evals = _series(metrics, "eval_loss")
+        if evals:
+            fig.add_trace(go.Scatter(x=steps, y=evals, name=f"{name} (eval)", mode="lines+markers", legendgroup=name,
+                                     line=dict(color=color, width=2, dash="dash"), marker=dict(size=7)))
+    fig = _layout(fig, "Loss of the selected runs (dashed: eval loss)", "loss")
+    fig.update_layout(height=HEIGHT + 60)
+    return fig

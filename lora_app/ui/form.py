@@ -74,6 +74,8 @@ def form_values(config: TrainConfig) -> dict:
             value = [] if value in (None, "all-linear") else [s.strip() for s in str(value).split(",") if s.strip()]
         elif name == "data_mapping":  # a text box: "field=column, ..."
             value = ", ".join(f"{k}={v}" for k, v in (value or {}).items())
+        elif value_type(SETTINGS[name]) is list:  # a text box: one item per line
+            value = "\n".join(value or [])
         elif _unset_number(name):
             value = value or 0
         elif _unset_choice(name):
@@ -97,6 +99,8 @@ def config_from_values(values: dict, base: TrainConfig | None = None) -> TrainCo
             value = _targets(value, values.get("all_linear", False))
         elif name == "data_mapping":
             value = parse_mapping(value)
+        elif value_type(SETTINGS[name]) is list:
+            value = [line.strip() for line in (value or "").splitlines() if line.strip()] or None
         elif name == "model":
             value = (value or DEFAULT_MODEL).strip()
         elif value_type(SETTINGS[name]) is int and isinstance(value, float) and value.is_integer():
@@ -131,6 +135,9 @@ def widget(name: str, value, *, slider: tuple | None = None, **layout):
     if meta["choices"] is not None:
         choices = ([AUTO] if optional(f) else []) + list(meta["choices"])
         return gr.Dropdown(choices, value=value, label=text, info=info, **layout)
+    if kind is list:
+        return gr.Textbox(value=value, label=text + " (one per line)", info=meta["help"].split(" (on the command")[0],
+                          lines=3, **layout)
     if kind is str:
         placeholder = f"empty: {meta['unset']}" if meta["unset"] else None
         return gr.Textbox(value=value, label=text, info=meta["help"], placeholder=placeholder, **layout)
@@ -153,6 +160,8 @@ def cli_command(config: TrainConfig) -> str:
             continue
         if isinstance(value, bool):
             parts.append(flag(f.name) if value else flag("no_" + f.name))
+        elif isinstance(value, list):  # the flag takes a file: bash makes one of the lines
+            parts.append(f"{flag(f.name)} <(printf '%s\\n' {' '.join(shlex.quote(item) for item in value)})")
         elif isinstance(value, dict):
             parts.append(f"{flag(f.name)} {shlex.quote(','.join(f'{k}={v}' for k, v in value.items()))}")
         else:

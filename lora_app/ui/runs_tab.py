@@ -4,13 +4,14 @@ or bring in an adapter trained elsewhere."""
 
 from __future__ import annotations
 
+import html
 import shutil
 import time
 from pathlib import Path
 
 import gradio as gr
 
-from lora_app.ui import adapters, data_tab, model_tab
+from lora_app.ui import adapters, charts, data_tab, judge, model_tab
 from lora_app.errors import InferenceError, RunNotFound, UserError
 from lora_app.data import PromptFormat
 from lora_app.inference import push_to_hub, zip_adapter
@@ -76,6 +77,8 @@ def run_details(run_id, other_id=None) -> str:
                      f"peak memory {fmt_bytes(s.get('peak_memory_bytes'))} (estimate {fmt_bytes(s.get('memory_estimate_bytes'))}) · "
                      f"{fmt_count(s.get('trainable_params'))} trainable parameters"
                      + (f" · {s['precision']}: {s['precision_reason']}" if s.get("precision_reason") else ""))
+    if run.promoted_step is not None:
+        lines.append(judge.promotion_note(run))
     if run.error:
         lines.append(f"```\n{run.error.strip()[-1500:]}\n```")
     if other_id and other_id != run_id:
@@ -126,7 +129,7 @@ def zip_run(run_id) -> str:
 def export_merged(run_id) -> str:
     """Write the base model with the run's adapter merged in, as a plain transformers folder."""
     run = _adapter_of(run_id)
-    folder = Path(run.output) / "merged"
+    folder = Path(run.output) / ("merged" if run.promoted_step is None else f"merged-step{run.promoted_step}")
     if folder.exists() and any(folder.iterdir()):
         return f"A merged model already exists in `{folder}`."
     base = adapters.base_for(run.config.get("model"), None)
@@ -220,14 +223,56 @@ def upload_adapter(path, model) -> str:
     return f"Loaded adapter **{name}** onto `{model or 'default'}`: pick it in Chat or Compare."
 
 
-def refresh(selected, other):
+def refresh(selected, other, overlaid):
     runs = run_store().list()
     choices = run_choices(runs)
     ids = {c[1] for c in choices}
     selected = selected if selected in ids else (choices[0][1] if choices else None)
     other = other if other in ids else None
+    overlaid = [i for i in overlaid or [] if i in ids]
     return (runs_table(runs), gr.update(choices=choices, value=selected), gr.update(choices=choices, value=other),
-            run_details(selected, other))
+            run_details(selected, other), gr.update(choices=choices, value=overlaid), *overlay(overlaid))
+
+
+OVERLAY_FIGURES = ("final loss", "eval loss", "tokens/s", "time")
+
+
+def overlay(run_ids):
+    """(chart, table) for the runs selected to overlay: their loss and eval-loss curves on one chart,
+    and a table of the settings that differ between them with their final figures."""
+    store = run_store()
+    runs = [store.get(i) for i in run_ids or []]
+    if not runs:
+        return charts.overlay_figure([]), "Select runs to overlay their curves."
+    figure = charts.overlay_figure([(r.name, store.metrics(r.id)) for r in runs])
+    configs = [r.config or {} for r in runs]
+    keys = [k for k in dict.fromkeys(k for c in configs for k in c)
+            if k not in ("output", "resume", "data") and len({_cell(c.get(k)) for c in configs}) > 1]
+    header = ["run", "status", *keys, *OVERLAY_FIGURES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r, c in zip(runs, configs):
+        s = r.summary or {}
+        figures = [_num(s.get("final_loss")), _num(s.get("eval_loss")), _num(s.get("useful_tokens_per_second"), 0),
+                   fmt_seconds(s.get("wall_seconds")) if s else "–"]
+        lines.append("| " + " | ".join([_cell(r.name), r.status, *(_cell(c.get(k)) for k in keys), *figures]) + " |")
+    return figure, "\n".join(lines)
+
+
+def compare_runs(run_ids):
+    """To the Compare tab with the selected runs' adapters loaded (on the first run's base model):
+    (tabs, base model, adapters, a note where the comparison will show)."""
+    runs = [run_store().get(i) for i in run_ids or []]
+    ready = [r for r in runs if r.adapter_path.is_dir()]
+    if not ready:
+        raise UserError("Select finished runs to compare (a run has an adapter once it completes).")
+    model = ready[0].config.get("model") or "default"
+    same = [r for r in ready if adapters.same_model(r.config.get("model"), model)]
+    left = [r.name for r in runs if r not in same]
+    said = f"Loaded {', '.join(r.name for r in same)}: type a prompt and press Compare." + (
+        f" Left out (no adapter yet, or another base model): {', '.join(left)}." if left else "")
+    return (gr.update(selected="compare"), model,
+            gr.update(choices=adapters.adapter_choices(model), value=[f"run:{r.id}" for r in same]),
+            f"<p class='lora-note'>{html.escape(said)}</p>")
 
 
 def load_settings(run_id):
@@ -243,7 +288,7 @@ def load_settings(run_id):
 
 def build(ui) -> None:
     with gr.Row():
-        ui.runs_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
+        ui.runs_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="runs-refresh")
     ui.runs_table = gr.Dataframe(headers=HEADERS, value=[], interactive=False, elem_id="runs-table", max_height=280,
                                  show_search="search", wrap=True,
                                  column_widths=["24%", "9%", "11%", "9%", "7%", "8%", "8%", "7%", "7%", "10%"])
@@ -269,6 +314,14 @@ def build(ui) -> None:
     ui.runs_status = gr.Markdown(elem_id="runs-status")
     ui.runs_file = gr.File(label="Adapter zip", visible=False)
     ui.runs_details = gr.Markdown(elem_id="run-details")
+    judge.build(ui)
+    with gr.Accordion("Overlay runs (a sweep, say)", open=True):
+        with gr.Row(equal_height=True):
+            ui.runs_overlay = gr.Dropdown([], value=[], multiselect=True, label="Runs to overlay", scale=4,
+                                          elem_id="runs-overlay")
+            ui.runs_compare = gr.Button("Open them in Compare", size="sm", scale=1, elem_id="runs-compare")
+        ui.overlay_chart = gr.Plot(show_label=False, elem_id="overlay-chart")
+        ui.overlay_table = gr.Markdown(elem_id="overlay-table")
     with gr.Accordion("Upload an adapter trained elsewhere", open=False):
         gr.Markdown("A .zip holding `adapter_config.json` and `adapter_model.safetensors` (peft's layout). It is "
                     "loaded onto the model chosen in the Chat tab.")

@@ -11,16 +11,18 @@ import html
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 
 from lora_app.ui import charts
 from lora_app.errors import SettingsError, UserError
-from lora_app.training import worker
+from lora_app.training import sweep, worker
+from lora_app.training.trainer import preflight
 from lora_app.ui.common import explain, fmt_seconds, run_store
 from lora_app.ui.data_tab import dataset_label
-from lora_app.ui.form import FIELDS, config_from_values
+from lora_app.ui.form import FIELDS, config_from_values, default_config, form_values, widget
 
 POLL_SECONDS = 2.0
 DUPLICATE_WINDOW = 5.0  # seconds in which an identical Start counts as the same click
@@ -76,6 +78,34 @@ def _start(name, data_path, values):
         _recent[fingerprint] = (now, run.id)
     where = "It starts when the current job ends." if run.status == "queued" and _busy(store, run) else ""
     return f"Started **{run.name}**. {where}".strip(), _watch(store, run.id)
+
+
+def start_sweep(name, grid_text, data_path, *values):
+    """Queue one run per combination of the grid (e.g. "rank=8,16; alpha=16,32") on the form's
+    settings: (status, watched-run dropdown, the Runs tab's overlay selection). Every run is checked
+    before the first is queued, so a mistake queues nothing."""
+    try:
+        if not data_path:
+            raise UserError("Choose a dataset first: upload one in the Data tab, or use the demo dataset.")
+        config = config_from_values(dict(zip(FIELDS, values)))
+        config.data = data_path
+        plan = sweep.expand(config, sweep.parse_grid(grid_text or ""))
+        # each run gets a folder of its own in the store when it is queued; checked as one would be
+        fresh = str(run_store().root / "a-new-run")
+        sweep.check_all([(label, replace(each, output=fresh)) for label, each in plan], preflight)
+    except SettingsError as err:
+        return "**Cannot queue the sweep:**\n\n" + "\n".join(f"- {p}" for p in err.problems.values()), gr.skip(), \
+            gr.skip()
+    except UserError as err:
+        return f"**Cannot queue the sweep:**\n\n{err}", gr.skip(), gr.skip()
+    store = run_store()
+    stem = (name or "").strip() or default_name(config)
+    runs = [worker.submit(each, store, name=f"{stem}-{label}") for label, each in plan]
+    ids = [r.id for r in runs]
+    listing = run_choices(store.list())
+    return (f"Queued a sweep of {len(runs)} runs: {', '.join(r.name for r in runs)}. They train one after another; "
+            "the Runs tab overlays their curves.", gr.update(choices=listing, value=ids[0]),
+            gr.update(choices=listing, value=ids))
 
 
 def default_name(config) -> str:
@@ -255,6 +285,20 @@ def build(ui) -> None:
         ui.start = gr.Button("Start training", variant="primary", scale=1, elem_id="start-training")
         ui.cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="cancel-run")
         ui.resume = gr.Button("Resume", scale=1, elem_id="resume-run")
+    with gr.Accordion("Probe prompts: watch the answers change as it trains", open=False, elem_id="probe-settings"):
+        d = form_values(default_config())
+        with gr.Row():
+            ui.form["probe_prompts"] = widget("probe_prompts", d["probe_prompts"], scale=3, elem_id="probe-prompts")
+            with gr.Column(scale=2):
+                for name in ("probe_rows", "probe_tokens"):
+                    ui.form[name] = widget(name, d[name])
+    with gr.Accordion("Sweep: queue a grid of runs", open=False, elem_id="sweep-settings"):
+        with gr.Row(equal_height=True):
+            ui.sweep_grid = gr.Textbox(label="Grid", placeholder="rank=8,16; alpha=16,32", scale=4,
+                                       info="settings and their values, ';' between settings: one run per "
+                                            "combination, each with the form's other settings",
+                                       elem_id="sweep-grid")
+            ui.sweep_start = gr.Button("Queue sweep", scale=1, elem_id="sweep-start")
     ui.train_status = gr.Markdown(elem_id="train-status")
     with gr.Row(equal_height=True):
         ui.watch = gr.Dropdown([], label="Watching run", scale=3, elem_id="watch-run")
