@@ -11,6 +11,8 @@ import sys
 COMMANDS = {
     "train": ("lora_app.training.cli", "train a LoRA adapter (the run is recorded where the studio shows it)"),
     "sweep": ("lora_app.training.sweep", "train one adapter per combination of a few settings' values, and compare"),
+    "plan": ("lora_app.training.plan", "measure what a run needs (peak memory, time) on a few real steps, and what "
+                                       "fits instead"),
     "probes": ("lora_app.training.runs_cli", "list a run's probe answers at every step, with scores and ratings"),
     "promote": ("lora_app.training.runs_cli", "make one of a run's checkpoints its adapter for chat and exports"),
     "generate": ("lora_app.inference.cli", "generate a reply with a base model and adapters"),

@@ -88,3 +88,13 @@ class NoCheckpoint(UserError):
         super().__init__(f"Run {run_name} saved no checkpoint at step {step} (checkpoints: {saved}). Train with "
                          "'save every' set to keep the adapters of the steps you want to choose from.")
         self.run_name, self.step, self.saved = run_name, step, saved
+
+
+class OutOfMemory(TrainingError):
+    """A step did not fit in memory even with one example per micro-batch (``step``: 1-based)."""
+
+    def __init__(self, step: int, detail: str):
+        super().__init__(f"Out of memory at step {step} even with one example per micro-batch ({detail}). Use a "
+                         "shorter sequence length, 4-bit quantization (--quantization 4bit), gradient checkpointing "
+                         "(--gradient-checkpointing) or a lower rank; `python -m lora_app plan` shows what fits.")
+        self.step, self.detail = step, detail

@@ -15,7 +15,7 @@ from conftest import save_tiny
 from lora_app.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "sweep", "probes", "promote", "generate", "export", "studio"]
+COMMANDS = ["train", "sweep", "plan", "probes", "promote", "generate", "export", "studio"]
 UNKNOWN = f"error: unknown command 'x' (choose from {', '.join(COMMANDS)})\n"
 
 

@@ -142,7 +142,7 @@ def probed_run(tmp_path_factory):
     code = main(["--model", str(model), "--data", str(data), "--output", str(root / "run"), "--store", str(root / "store"),
                  "--rank", "4", "--alpha", "8", "--lr", "0.01", "--max-steps", "4", "--seq-len", "64",
                  "--val-fraction", "0.25", "--eval-every", "2", "--save-every", "2", "--probe-prompts", str(prompts),
-                 "--probe-rows", "2", "--probe-tokens", "6"])
+                 "--probe-rows", "2", "--probe-tokens", "6", "--probe-budget", "0"])
     assert code == 0
     store = RunStore(root / "store")
     return store, store.list()[0], model
@@ -162,6 +162,22 @@ def test_a_run_answers_its_probes_at_the_start_every_evaluation_and_the_end(prob
     assert len(lines) == len(answers)  # the run folder has them too (a --no-store run keeps them)
     assert "probes at step 0: 4 answers" in (Path(run.output) / "train.log").read_text()
     assert (run.checkpoint_adapter(2) / "prompt_format.json").is_file()  # a checkpoint chats as training did
+
+
+def test_probing_keeps_to_its_time_budget(tmp_path):
+    """A round that would take probing over its share of the run is skipped, and the log says so;
+    the first (the base model) and the last always run."""
+    from lora_app.training.trainer import Callbacks, train
+
+    model = save_tiny("llama", tmp_path / "tiny")
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"instruction": q, "input": "", "output": a} for q, a in QA * 4]))
+    said, steps = [], []
+    config = TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "run"), rank=4, max_steps=6,
+                         seq_len=64, eval_every=2, probe_prompts=["Say hi."], probe_tokens=4, probe_budget=1e-6)
+    train(config, Callbacks(log=said.append, on_probes=lambda step, answers: steps.append(step)))
+    assert steps == [0, 6]
+    assert sum("skipped" in line and "budget" in line for line in said) == 2  # steps 2 and 4
 
 
 def test_step_0_answers_are_the_base_models_own(probed_run):

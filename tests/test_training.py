@@ -474,3 +474,51 @@ def test_a_run_reports_its_phases_in_order(tiny_llama, qa_data, tmp_path):
     assert names == ["preparing data", "loading model", "first step", "training", "evaluating", "training",
                      "evaluating", "saving"]
     assert phases[1][1].endswith("tokens") and "rows" in phases[1][1]  # what preparing the data found
+
+
+def test_an_out_of_memory_step_is_computed_again_in_smaller_micro_batches(tiny_llama, qa_data, tmp_path, monkeypatch):
+    """An out-of-memory error at step 3 (injected as the allocator raises it) halves the micro-batches;
+    the steps keep their examples, so the loss curve is the uninterrupted run's and the run completes."""
+    from lora_app.training import trainer
+
+    plain_cb, plain = quiet()
+    train(config_for(tiny_llama, qa_data, tmp_path / "plain", max_steps=5), plain_cb)
+    events = []
+    monkeypatch.setenv(trainer.FAULT_ENV, "3")
+    cb, logged = quiet(on_event=lambda step, text: events.append((step, text)))
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "recovered", max_steps=5), cb)
+    assert outcome.status == "completed" and outcome.summary["micro_batch"] == 2
+    assert [step for step, _ in events] == [3] and "micro-batches of 4 examples cut to 2" in events[0][1]
+    losses = [values["loss"] for _, values in logged if "loss" in values]
+    assert losses == pytest.approx([values["loss"] for _, values in plain if "loss" in values], rel=1e-5)
+
+
+def test_a_recovered_run_records_the_event_where_the_studio_shows_it(tiny_llama, qa_data, tmp_path, monkeypatch):
+    from lora_app.training import trainer
+    from lora_app.training.cli import main
+    from lora_app.training.store import RunStore
+
+    monkeypatch.setenv(trainer.FAULT_ENV, "2")
+    assert main(["train", "--model", tiny_llama, "--data", qa_data, "--rank", "4", "--max-steps", "3", "--seq-len",
+                 "96", "--output", str(tmp_path / "run"), "--store", str(tmp_path / "store")]) == 0
+    run = RunStore(tmp_path / "store").list()[0]
+    events = [m for m in RunStore(tmp_path / "store").metrics(run.id) if "event" in m]
+    assert run.status == "completed" and [m["step"] for m in events] == [2]
+    assert "step 2: out of memory" in (tmp_path / "run" / "train.log").read_text()
+    from lora_app.ui.charts import loss_figure, memory_figure
+
+    for figure in (loss_figure(RunStore(tmp_path / "store").metrics(run.id)), memory_figure(events)):
+        assert any(a.text == "out of memory" for a in figure.layout.annotations)
+
+
+def test_a_step_that_does_not_fit_even_one_example_at_a_time_fails_in_words(tiny_llama, qa_data, tmp_path,
+                                                                             monkeypatch):
+    from lora_app.errors import OutOfMemory
+    from lora_app.training import trainer
+
+    monkeypatch.setattr(trainer, "SAFE_MARGIN", 2**60)  # no micro-batch leaves that much memory free
+    events = []
+    with pytest.raises(OutOfMemory) as err:
+        train(config_for(tiny_llama, qa_data, tmp_path / "out"), quiet(on_event=lambda s, t: events.append(t))[0])
+    assert err.value.step == 1 and "even with one example per micro-batch" in str(err.value)
+    assert len(events) == 2  # 4 -> 2 -> 1 example per micro-batch, then it gave up

@@ -1,8 +1,9 @@
 """End to end in a real headless Chromium: upload a dataset, choose its system prompt, set a short run on
-a tiny model with probe prompts, reload (the settings and the file stay), train and watch its phases and
-the loss chart grow, reload again and find the run; see its probe answers change over the steps, vote
-blind between two of them, promote a checkpoint, export it and chat with it as it was trained; then
-queue a 2x2 sweep and overlay its four runs' curves.
+a tiny model with probe prompts, plan it and take an alternative that fits, reload (the settings and the
+file stay), train and watch its phases and the loss chart grow (the plan made before it on the memory
+chart), reload again and find the run; see its probe answers change over the steps, vote blind between
+two of them, promote a checkpoint, export it and chat with it as it was trained; then queue a 2x2 sweep
+and overlay its four runs' curves.
 
 The app runs as `python app.py` in a subprocess (as a user starts it), with its own home, run store
 and a free port; LORA_APP_MODEL makes the page start on a tiny local model so the run takes seconds.
@@ -165,6 +166,21 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         page.locator("#probe-prompts textarea").press("Tab")
         set_number(page, "Probe rows", 1)
         set_number(page, "Probe answer tokens", 12)
+        set_number(page, "Probe time budget", 0)  # a round at every evaluation, however short the run
+        # plan: measured on a few real steps; an alternative that fits becomes the form's settings, and the
+        # run keeps the plan of the settings it starts with
+        page.locator("#plan-settings").get_by_text("Plan: will it fit").click()
+        page.locator("#plan-run").click()
+        expect(page.locator("#plan-result")).to_contain_text("Measuring")
+        expect(page.locator("#plan-result")).to_contain_text("It fits", timeout=120_000)
+        expect(page.locator("#plan-result")).to_contain_text("gradient checkpointing")
+        page.locator("#plan-pick input").click()
+        page.get_by_role("option").filter(has_text="micro-batch halved").click()
+        expect(page.locator("#train-status")).to_contain_text("Settings changed to: micro-batch halved")
+        expect(page.locator("#train-summary")).to_contain_text("batch 2×2")
+        page.locator("#plan-run").click()  # the new settings' plan goes with the run
+        expect(page.locator("#plan-result")).to_contain_text("Measuring")
+        expect(page.locator("#plan-result")).to_contain_text("It fits", timeout=120_000)
         page.locator("#start-training").dblclick()
         expect(page.locator("#train-status")).to_contain_text("Started")
         expect(page.locator("#run-progress [data-phase]").first).to_be_visible(timeout=10_000)  # from the start
@@ -189,6 +205,8 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         expect(page.locator("#run-progress .lora-progress")).to_have_attribute("data-status", "completed",
                                                                                 timeout=150_000)
         page.wait_for_function("() => document.querySelector('#loss-chart .js-plotly-plot')?.data?.[0]?.x?.length >= 12")
+        page.wait_for_function("""() => (document.querySelector('#memory-chart .js-plotly-plot')?.layout?.annotations
+            || []).some(a => a.text === 'plan (measured)')""")  # the plan's peak beside the measured memory
         phases = page.evaluate("() => [...document.querySelectorAll('#run-progress [data-phase]')].map(e => e.dataset.phase)")
         assert phases == ["starting", "preparing data", "loading model", "probing", "first step", "training",
                           "evaluating", "saving"], phases

@@ -216,6 +216,36 @@ def test_a_sweep_queues_one_run_per_combination_or_nothing(home, tiny_llama, dat
         assert len(run_store().list()) == 4  # a mistake in any combination queues none of them
 
 
+def test_plan_then_use_an_alternative_then_start_with_the_plan(home, tiny_llama, dataset, no_worker):
+    """Plan measures the form's run in a fresh process; an alternative becomes the form's settings in one
+    click; a run started with planned settings keeps the plan, and its memory chart draws it."""
+    from lora_app.errors import UserError
+    from lora_app.ui import charts, planner
+    from lora_app.ui.common import run_store
+    from lora_app.ui.form import FIELDS
+    from lora_app.ui.train_tab import figures_for, start_run
+
+    with pytest.raises(UserError, match="Choose a dataset first"):
+        next(planner.make_plan(None, *form_list(model=tiny_llama)))
+    values = form_list(model=tiny_llama, seq_len=64, max_steps=4, eval_every=2)
+    measuring, (said, choices, alternatives) = planner.make_plan(dataset, *values)
+    assert measuring[0].startswith("⏳ Measuring")
+    assert said.startswith("✅ **It fits.**") and "| gradient checkpointing |" in said
+    labels = [label for label, _ in choices["choices"]]
+    assert any(label.startswith("micro-batch halved") for label in labels)
+    picked = next(i for label, i in choices["choices"] if label.startswith("micro-batch halved"))
+    *updates, about, status = planner.use_alternative(picked, alternatives, dataset, *values)
+    changed = dict(zip(FIELDS, updates))
+    assert (changed["batch_size"], changed["grad_accum"]) == (2, 2) and "micro-batch halved" in status
+    # a run with the planned settings keeps the plan; its memory chart draws the plan's peak
+    start_run("planned", dataset, *values)
+    run = run_store().list()[0]
+    assert planner.planned_peak(run) == planner.Plan.load(planner.plan_file(planner._config(dataset, values))).peak_bytes
+    memory = figures_for(run, [{"step": 1, "rss_bytes": 2**30, "peak_rss_bytes": 2**30}])[3]
+    assert any(a.text == "plan (measured)" for a in memory.layout.annotations)
+    assert charts.memory_figure([], None, None).layout.annotations[0].text == "no data yet"
+
+
 def test_cancel_resume_and_queue(home, tiny_llama, dataset, no_worker):
     from lora_app.errors import UserError
     from lora_app.ui.common import run_store

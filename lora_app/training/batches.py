@@ -83,12 +83,14 @@ def split_by_tokens(indices: list[int], lengths: list[int], batch_size: int, bud
 class StepPlan:
     """Which examples each optimizer step trains on: ``grad_accum`` batches of the epoch plans, re-cut
     into micro-batches under the token budget. Depends only on the step number, so a resumed run
-    sees exactly the batches it would have seen."""
+    sees exactly the batches it would have seen. ``shrink`` halves the micro-batches after an
+    out-of-memory error: each step keeps its examples, so its update stays the same."""
 
     def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, grouped: bool,
                  shard: tuple[int, int], token_budget: int):
         self.lengths, self.batch_size, self.grad_accum, self.seed = lengths, batch_size, grad_accum, seed
         self.grouped, self.shard, self.token_budget = grouped, shard, token_budget
+        self.micro_size = batch_size  # examples per micro-batch
         self.batches_per_epoch = len(self._epoch(0))
         self.steps_per_epoch = max(1, self.batches_per_epoch // grad_accum)
 
@@ -107,4 +109,14 @@ class StepPlan:
         for index in range(step * self.grad_accum, (step + 1) * self.grad_accum):
             epoch, position = divmod(index, self.batches_per_epoch)
             indices += self._epoch(epoch)[position]
-        return split_by_tokens(indices, self.lengths, self.batch_size, self.token_budget)
+        return split_by_tokens(indices, self.lengths, self.micro_size, self.token_budget)
+
+    def shrink(self, step: int) -> tuple[int, int] | None:
+        """Halve the micro-batches (examples and token budget) because those of ``step`` did not fit:
+        (examples in its largest micro-batch before, after), or None when they are single examples."""
+        before = max(map(len, self.micro_batches(step)))
+        if before == 1:
+            return None
+        self.micro_size = max(1, before // 2)
+        self.token_budget //= 2
+        return before, max(map(len, self.micro_batches(step)))

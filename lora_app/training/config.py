@@ -129,6 +129,10 @@ class TrainConfig:
     probe_rows: int = setting(0, "also probe with this many validation rows, their answers kept as references "
                               "(each answer is scored by token F1 against its reference)", "evaluation and checkpoints",
                               label="probe rows", at_least=0, resumable=True)
+    probe_budget: float = setting(0.05, "the largest share of the run's time probe answers may take: a round at an "
+                                  "evaluation or checkpoint that would go over it is skipped (the first and the last "
+                                  "always run); 0: no limit", "evaluation and checkpoints", label="probe time budget",
+                                  at_least=0, below=1, resumable=True)
     probe_tokens: int = setting(48, "longest probe answer, in tokens (greedy: the same prompt at the same step always "
                                 "gets the same answer)", "evaluation and checkpoints", label="probe answer tokens",
                                 above=0, resumable=True)

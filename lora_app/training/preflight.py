@@ -15,7 +15,8 @@ from lora_app.errors import DataError, ModelLoadError, TrainConfigError, Trainin
 from lora_app.model_source import check_source, is_default
 from lora_app.training.config import TrainConfig
 
-RUN_FILES = {"train.log", "config.json"}  # what a run folder holds before its training has produced anything
+# what a run folder holds before its training has produced anything (plan.json: the plan it was started with)
+RUN_FILES = {"train.log", "config.json", "plan.json"}
 DATA_SETTINGS = {"data", "val_data", "val_fraction", "data_format", "data_mapping", "template", "seq_len"}
 DATA_CHECK_ROWS = 64  # enough to recognise the layout and the mapping, read in well under a second
 

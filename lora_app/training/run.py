@@ -219,8 +219,15 @@ def _callbacks(config: TrainConfig, store, run_id, stop: threading.Event, done: 
         console.say(f"probes at step {step}: {len(answers)} answers in {sum(a['seconds'] for a in answers):.1f} s"
                     + (f", mean token F1 {sum(scores) / len(scores):.3f}" if scores else ""))
 
+    def on_event(step: int, text: str) -> None:
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, "event": text}) + "\n")
+        if store is not None:
+            store.log_metrics(run_id, step, {"event": text})
+        console.say(f"step {step}: {text}")
+
     return Callbacks(on_start=on_start, on_log=on_log, should_stop=stop.is_set, log=console.say, on_phase=on_phase,
-                     on_probes=on_probes)
+                     on_probes=on_probes, on_event=on_event)
 
 
 def explain(err: Exception) -> str:

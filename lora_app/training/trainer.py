@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -34,7 +36,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from lora_app.data import PreparedData, PromptFormat, collate, prepare_dataset
 from lora_app.data.errors import RowSkip
-from lora_app.errors import DataError, ModelLoadError, TrainConfigError, TrainingError
+from lora_app.errors import DataError, ModelLoadError, OutOfMemory, TrainConfigError, TrainingError
 from lora_app.hardware import choose_precision
 from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
@@ -53,6 +55,12 @@ from lora_app.training.preflight import (DATA_CHECK_ROWS, DATA_SETTINGS, check_o
 
 ADAPTER = "default"
 SPEED_WINDOW = 10  # steps the live tokens/s and ETA are measured over (evaluation and saving not counted)
+SAFE_MARGIN = 512 * 2**20  # memory a CPU run leaves free: below it the kernel's OOM killer may end the run
+FAULT_ENV = "LORA_APP_INJECT_OOM"  # steps (1-based, comma-separated) that raise an out-of-memory error once
+
+
+class MemoryShortage(Exception):
+    """A micro-batch would leave less than SAFE_MARGIN of the machine's memory free."""
 
 
 @dataclass
@@ -65,6 +73,7 @@ class Callbacks:
     log: Callable[[str], None] = print
     on_phase: Callable[[str, str], None] = lambda phase, detail: None  # store.PHASES, and what it found
     on_probes: Callable[[int, list[dict]], None] = lambda step, answers: None  # the probe answers at a step
+    on_event: Callable[[int, str], None] = lambda step, text: None  # something the run changed by itself
 
 
 @dataclass
@@ -186,6 +195,8 @@ class Recipe:
         self.estimate = estimate_memory(config, checked.model_config, self.device.type, self.precision,
                                         tokens=self.plan.largest_micro_batch())
         self.cb.log(f"memory estimate: {self.estimate['total_bytes'] / 2**30:.2f} GiB")
+        self.bytes_per_token = self.estimate["activations_bytes"] / max(self.plan.largest_micro_batch(), 1)
+        self.faulted: set[int] = set()  # steps whose injected fault was raised
         self.cb.on_phase("loading model", base_model_id(config.model))
         self._setup_model()
         self._setup_optimizer()
@@ -222,7 +233,7 @@ class Recipe:
     def _setup_probes(self) -> None:
         """The probe prompts as token ids, rendered as training renders a prompt."""
         c = self.config
-        self.probes, self.probe_ids, self.probe_seconds = [], [], 0.0
+        self.probes, self.probe_ids, self.probe_seconds, self.probe_rounds = [], [], 0.0, []
         for probe in probes_for(c.probe_prompts, c.probe_rows, self.data.val_samples):
             try:
                 texts = input_texts(probe, self.tokenizer, self.data.template, c.system())
@@ -319,19 +330,24 @@ class Recipe:
                     f"({self.precision.name}, {self.device})")
 
     def _loss_step(self) -> tuple[float, torch.Tensor | float, int]:
-        """One optimizer step over its micro-batches: (the loss, the mean over the step's labelled
-        tokens; the gradient norm; the labelled tokens)."""
-        batches = [collate([self.data.train[i] for i in chunk], self.pad_id)
-                   for chunk in self.plan.micro_batches(self.step)]
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        step_loss = 0.0
-        for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1  # under DDP, gradients are averaged once per step
-            with (nullcontext() if sync else self.accelerator.no_sync(self.loss_model)), self.accelerator.autocast():
-                loss_sum, _ = self.loss_model(**_to_device(batch, self.device))
-                loss = loss_sum / max(tokens, 1)
-            self.accelerator.backward(loss)
-            step_loss += float(loss.detach())
+        """One optimizer step: ``_gradients``, then the update. A step whose micro-batches do not fit
+        in memory is computed again in micro-batches half as large (the same examples, so the same
+        update: more accumulation, not a smaller batch), down to one example each."""
+        while True:
+            try:
+                step_loss, tokens = self._gradients()
+                break
+            except (torch.OutOfMemoryError, MemoryShortage) as err:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.accelerator.num_processes > 1:  # the other processes already wait for this one
+                    raise
+                shrunk = self.plan.shrink(self.step)
+                if shrunk is None:
+                    raise OutOfMemory(self.step + 1, str(err)) from err
+                self.cb.on_event(self.step + 1, f"out of memory ({err}): micro-batches of {shrunk[0]} examples cut "
+                                                f"to {shrunk[1]}, the same examples per step")
         if not math.isfinite(step_loss):
             raise TrainingError(f"The loss became {step_loss} at step {self.step + 1}: training diverged. Lower the "
                                 "learning rate, use fp32/bf16 rather than fp16, or check the data.")
@@ -344,6 +360,35 @@ class Recipe:
         self.step += 1
         self.train_tokens += tokens
         return step_loss, grad_norm, tokens
+
+    def _gradients(self) -> tuple[float, int]:
+        """The step's gradients, summed over its micro-batches: (the loss, the mean over the step's
+        labelled tokens; the labelled tokens)."""
+        batches = [collate([self.data.train[i] for i in chunk], self.pad_id)
+                   for chunk in self.plan.micro_batches(self.step)]
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        step_loss = 0.0
+        for i, batch in enumerate(batches):
+            self._make_room(batch["input_ids"].numel(), first=i == 0)
+            sync = i == len(batches) - 1  # under DDP, gradients are averaged once per step
+            with (nullcontext() if sync else self.accelerator.no_sync(self.loss_model)), self.accelerator.autocast():
+                loss_sum, _ = self.loss_model(**_to_device(batch, self.device))
+                loss = loss_sum / max(tokens, 1)
+            self.accelerator.backward(loss)
+            step_loss += float(loss.detach())
+        return step_loss, tokens
+
+    def _make_room(self, tokens: int, first: bool) -> None:
+        """Raise an out-of-memory error before a micro-batch that would not fit: on a CPU, when its
+        activations would leave less than ``SAFE_MARGIN`` of the machine's memory free (the kernel
+        would kill the process, with no error to recover from); and where ``FAULT_ENV`` injects one."""
+        if first and str(self.step + 1) in os.environ.get(FAULT_ENV, "").split(",") and self.step not in self.faulted:
+            self.faulted.add(self.step)
+            raise torch.OutOfMemoryError(f"injected by {FAULT_ENV}")
+        if self.device.type == "cpu":
+            need, free = tokens * self.bytes_per_token, psutil.virtual_memory().available
+            if free - need < SAFE_MARGIN:
+                raise MemoryShortage(f"{need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free")
 
     def _after_step(self, loss: float, grad_norm) -> bool:
         """Metrics, evaluation, checkpoints and a cancel after each step; True when the run must stop."""
@@ -362,7 +407,7 @@ class Recipe:
             seconds, tokens = (sum(values) for values in zip(*self.recent))
             values = dict(loss=loss, lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                           tokens=self.train_tokens, tokens_per_second=tokens / max(seconds, 1e-9), elapsed=wall,
-                          eta=seconds / len(self.recent) * (self.total_steps - step),
+                          eta=self._eta(),
                           epoch=step / self.plan.steps_per_epoch, **memory_now(self.device))
             if eval_loss is not None:
                 values["eval_loss"] = eval_loss
@@ -372,8 +417,8 @@ class Recipe:
         checkpoint = cancel or (c.save_every and (step % c.save_every == 0 or last))
         if checkpoint:
             self._checkpoint(wall)
-        if (evaluate or checkpoint) and not last:
-            self._probe()
+        if (evaluate or checkpoint) and not last and self.probes:
+            self._probe_within_budget(wall)
         if cancel:
             self.cb.log(f"cancelled: checkpoint saved at step {step}; resume to continue")
         elif (eval_loss is not None or checkpoint or (evaluate and self.probes)) and not last:
@@ -394,6 +439,22 @@ class Recipe:
                 total, count = total + float(loss_sum), count + n
         self.loss_model.train()
         return total / max(count, 1)
+
+    def _eta(self) -> float:
+        """Seconds of training left, at the pace of the last steps."""
+        return sum(seconds for seconds, _ in self.recent) / len(self.recent) * (self.total_steps - self.step)
+
+    def _probe_within_budget(self, wall: float) -> None:
+        """A round of probe answers, unless it would take probing over ``probe_budget`` of the run's
+        expected time (the time so far and the ETA): then it is skipped, and the log says so."""
+        budget, cost = self.config.probe_budget, self.probe_rounds[-1] if self.probe_rounds else 0.0
+        expected = wall + self._eta()
+        if budget and self.probe_seconds + cost > budget * expected:
+            self.cb.log(f"probes at step {self.step} skipped: a round takes {cost:.1f} s and probing has taken "
+                        f"{self.probe_seconds:.0f} s of the {budget:.0%} budget of this run's ~{expected:.0f} s "
+                        "(raise the probe time budget, or probe less often)")
+            return
+        self._probe()
 
     def _probe(self) -> None:
         """Greedy answers to the probe prompts with the adapter as it is now, scored where a reference
@@ -419,6 +480,7 @@ class Recipe:
                         seconds=seconds / len(self.probes))
                    for i, (probe, text) in enumerate(zip(self.probes, texts))]
         self.probe_seconds += seconds
+        self.probe_rounds.append(seconds)
         self.cb.on_probes(self.step, answers)
 
     def _checkpoint(self, wall: float) -> None:
@@ -454,7 +516,7 @@ class Recipe:
                        total_params=self.total, wall_seconds=wall, memory_estimate_bytes=self.estimate["total_bytes"],
                        memory_estimate=self.estimate, precision=self.precision.name,
                        precision_reason=self.precision.reason, device=str(self.device),
-                       probe_seconds=self.probe_seconds)
+                       probe_seconds=self.probe_seconds, micro_batch=self.plan.micro_size)
         if self.main:
             write_json(self.output / "summary.json", summary)
         return Outcome(status, summary)

@@ -15,7 +15,7 @@ import gradio as gr
 
 from lora_app.data import DEMO_DATASET
 from lora_app.model_source import DEFAULT_MODEL_ID
-from lora_app.ui import adapters, chat_tab, compare_tab, data_tab, judge, model_tab, runs_tab, train_tab
+from lora_app.ui import adapters, chat_tab, compare_tab, data_tab, judge, model_tab, planner, runs_tab, train_tab
 from lora_app.training.store import default_root
 from lora_app.ui.common import browser_secret, friendly, run_store
 from lora_app.ui.space import device_summary
@@ -99,6 +99,10 @@ def wire(demo: gr.Blocks, ui) -> None:
                    trigger_mode="once", concurrency_limit=1, concurrency_id="start")
     ui.cancel.click(friendly(train_tab.cancel_run), ui.watch, ui.train_status)
     ui.resume.click(friendly(train_tab.resume_run), ui.watch, ui.train_status, concurrency_id="start")
+    ui.plan_run.click(friendly(planner.make_plan), [ui.data_path, *form],
+                      [ui.plan_result, ui.plan_pick, ui.plan_alternatives], concurrency_limit=1, concurrency_id="start")
+    ui.plan_pick.input(friendly(planner.use_alternative), [ui.plan_pick, ui.plan_alternatives, ui.data_path, *form],
+                       [*form_view, ui.train_status])
     ui.sweep_start.click(friendly(train_tab.start_sweep), [ui.run_name, ui.sweep_grid, ui.data_path, *form],
                          [ui.train_status, ui.watch, ui.runs_overlay], concurrency_limit=1, concurrency_id="start")
     poll = dict(fn=train_tab.poll, inputs=[ui.watch, ui.smoothing, ui.log_scale, ui.seen],

@@ -44,6 +44,14 @@ def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
     return list(points), list(points.values())
 
 
+def _events(fig: go.Figure, metrics: list[dict]) -> None:
+    """What the run changed by itself (an out-of-memory recovery), as a dotted line at its step."""
+    for m in metrics:
+        if m.get("event"):
+            fig.add_vline(x=m["step"], line_dash="dot", line_color=COLORS["cuda_peak"], annotation_text="out of memory"
+                          if m["event"].startswith("out of memory") else "event", annotation_position="top left")
+
+
 def loss_figure(metrics: list[dict], smoothing: float = 0.6, log_scale: bool = False) -> go.Figure:
     fig = go.Figure()
     steps, loss = _series(metrics, "loss")
@@ -57,6 +65,7 @@ def loss_figure(metrics: list[dict], smoothing: float = 0.6, log_scale: bool = F
     if evals:
         fig.add_trace(go.Scatter(x=steps, y=evals, name="eval loss", mode="lines+markers",
                                  line=dict(color=COLORS["eval"], width=2), marker=dict(size=8)))
+    _events(fig, metrics)
     return _layout(fig, "Loss", log=log_scale and bool(loss or evals))
 
 
@@ -67,8 +76,9 @@ def line_figure(metrics: list[dict], key: str, title: str, color: str, log_scale
     return _layout(fig, title, log=log_scale and bool(values))
 
 
-def memory_figure(metrics: list[dict], estimate_bytes: float | None = None) -> go.Figure:
-    """Measured memory (GiB) against the estimate made before the run."""
+def memory_figure(metrics: list[dict], estimate_bytes: float | None = None,
+                  planned_bytes: float | None = None) -> go.Figure:
+    """Measured memory (GiB) against the formula's estimate and the measured plan's prediction."""
     fig = go.Figure()
     gib = 2 ** 30
     for key, name in (("rss_bytes", "RSS"), ("peak_rss_bytes", "peak RSS"), ("cuda_allocated_bytes", "GPU allocated"),
@@ -82,6 +92,10 @@ def memory_figure(metrics: list[dict], estimate_bytes: float | None = None) -> g
     if estimate_bytes:
         fig.add_hline(y=estimate_bytes / gib, line_dash="dash", line_color=COLORS["estimate"],
                       annotation_text="estimate", annotation_position="bottom right")
+    if planned_bytes:
+        fig.add_hline(y=planned_bytes / gib, line_dash="dot", line_color=COLORS["peak"],
+                      annotation_text="plan (measured)", annotation_position="top left")
+    _events(fig, metrics)
     return _layout(fig, "Memory (GiB)")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_app.ui import charts
+from lora_app.ui import charts, planner
 from lora_app.errors import SettingsError, UserError
 from lora_app.training import sweep, worker
 from lora_app.training.trainer import preflight
@@ -74,6 +74,7 @@ def _start(name, data_path, values):
             run = store.get(seen[1])
             return f"Run **{run.name}** was just started; not starting it twice.", _watch(store, run.id)
         run = worker.submit(config, store, name=name)
+        planner.keep_with(config, run)
         _recent.clear()
         _recent[fingerprint] = (now, run.id)
     where = "It starts when the current job ends." if run.status == "queued" and _busy(store, run) else ""
@@ -268,7 +269,7 @@ def figures_for(run, metrics, smoothing=0.6, log_scale=False):
     return [charts.loss_figure(metrics, smoothing, log_scale),
             charts.line_figure(metrics, "lr", "Learning rate", charts.COLORS["lr"]),
             charts.line_figure(metrics, "grad_norm", "Gradient norm", charts.COLORS["grad"], log_scale),
-            charts.memory_figure(metrics, estimate)]
+            charts.memory_figure(metrics, estimate, planner.planned_peak(run))]
 
 
 def on_load():
@@ -290,7 +291,7 @@ def build(ui) -> None:
         with gr.Row():
             ui.form["probe_prompts"] = widget("probe_prompts", d["probe_prompts"], scale=3, elem_id="probe-prompts")
             with gr.Column(scale=2):
-                for name in ("probe_rows", "probe_tokens"):
+                for name in ("probe_rows", "probe_tokens", "probe_budget"):
                     ui.form[name] = widget(name, d[name])
     with gr.Accordion("Sweep: queue a grid of runs", open=False, elem_id="sweep-settings"):
         with gr.Row(equal_height=True):
@@ -299,6 +300,7 @@ def build(ui) -> None:
                                             "combination, each with the form's other settings",
                                        elem_id="sweep-grid")
             ui.sweep_start = gr.Button("Queue sweep", scale=1, elem_id="sweep-start")
+    planner.build(ui)
     ui.train_status = gr.Markdown(elem_id="train-status")
     with gr.Row(equal_height=True):
         ui.watch = gr.Dropdown([], label="Watching run", scale=3, elem_id="watch-run")
