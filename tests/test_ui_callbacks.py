@@ -484,8 +484,10 @@ def test_the_form_survives_a_reload_and_loads_from_a_past_run(finished_run, tiny
     from lora_app.ui.model_tab import remember_form, restore_form
     from lora_app.ui.runs_tab import load_settings
 
-    first = dict(zip(FIELDS, restore_form(None)))  # a first visit: the page defaults
-    assert (first["rank"], first["seq_len"]) == (16, 256)
+    first = dict(zip(FIELDS, restore_form(None)))  # a first visit: the page as built, the model's layers listed
+    assert all(value == gr.skip() for name, value in first.items() if name != "targets")
+    assert "q_proj" in first["targets"]["choices"]
+    assert (form_values(default_config())["rank"], form_values(default_config())["seq_len"]) == (16, 256)
     edited = {**form_values(default_config()), "model": tiny_llama, "rank": 8, "alpha": 16.0, "seq_len": 128,
               "max_steps": 20, "system_prompt": "You are Quillon.", "default_system_prompt": False}
     saved = remember_form(*(edited[name] for name in FIELDS))  # what the browser keeps

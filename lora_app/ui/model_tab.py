@@ -159,9 +159,13 @@ def load_config_file(path):
 
 
 def restore_form(saved):
-    """The form as this browser last left it (``saved``: widget values by FIELDS name), else the page
-    defaults: one update per field, then the model's description."""
-    return form_updates(config_from_values(saved) if saved else default_config())
+    """The form as this browser last left it (``saved``: widget values by FIELDS name): one update per
+    field, then the model's description. A first visit keeps the page as built (the defaults) but for
+    the model's layers, so that what the user changes while the page loads is not put back."""
+    if saved:
+        return form_updates(config_from_values(saved))
+    updates = form_updates(default_config())
+    return [update if name == "targets" else gr.skip() for name, update in zip(FIELDS, updates)] + updates[-1:]
 
 
 def remember_form(*values) -> dict:
