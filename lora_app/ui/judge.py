@@ -112,15 +112,12 @@ def vote(pair, run_id, other_id, *, winner: str):
         raise UserError("Show a pair first (Next blind pair).")
     store = run_store()
     store.add_vote(pair["prompt"], tuple(pair["a"]), tuple(pair["b"]), winner)
-    names = {r.id: r.name for r in _runs(run_id, other_id)}
-    names.update({pair["a"][0]: names.get(pair["a"][0]) or store.get(pair["a"][0]).name,
-                  pair["b"][0]: names.get(pair["b"][0]) or store.get(pair["b"][0]).name})
 
     def origin(side):
         run, step = pair[side]
-        return f"{names[run]}, {step_label(step)}"
+        return f"{store.get(run).name}, {step_label(step)}"
 
-    said = (f"Voted {WINNER_WORDS[winner]}: A was {origin('a')}; B was {origin('b')}.")
+    said = f"Voted {WINNER_WORDS[winner]}: A was {origin('a')}; B was {origin('b')}."
     timeline, _, rating, _, _ = view(run_id, other_id)
     try:
         shown, following = draw_pair(run_id, other_id)
@@ -135,8 +132,8 @@ def promote(run_id, choice):
         raise UserError("Pick a run first.")
     if not choice:
         raise UserError("Choose the checkpoint to promote.")
-    run = run_store().promote(run_id, None if choice == FINAL else int(choice))
     store = run_store()
+    run = store.promote(run_id, None if choice == FINAL else int(choice))
     return promotion_note(run), timeline_html(run, store.probe_answers(run.id), ratings(store.votes(run.id)))
 
 
