@@ -98,3 +98,12 @@ class OutOfMemory(TrainingError):
                          "shorter sequence length, 4-bit quantization (--quantization 4bit), gradient checkpointing "
                          "(--gradient-checkpointing) or a lower rank; `python -m lora_app plan` shows what fits.")
         self.step, self.detail = step, detail
+
+
+class NoSuchRun(UserError):
+    """No run in the store at ``root`` has the id, the name or the folder ``key``."""
+
+    def __init__(self, key: str, root):
+        super().__init__(f"No run {key!r} in the run store {root}: give a run's id, its name or its folder "
+                         "(the Runs tab lists them; --store picks another run store).")
+        self.key, self.root = key, root

@@ -204,6 +204,8 @@ def test_probes_and_promote_from_the_command_line(probed_run, capsys):
     assert main(["probes", run.name, "--store", str(store.root)]) == 0
     out = capsys.readouterr().out
     assert "## Who are you?" in out and "base (step 0):" in out and "step 4:" in out and "reference:" in out
+    assert main(["promote", "no-such-run", "2", "--store", str(store.root)]) == 2
+    assert "No run 'no-such-run' in the run store" in capsys.readouterr().err
     assert main(["promote", run.output, "3", "--store", str(store.root)]) == 2
     assert "no checkpoint at step 3 (checkpoints: 2, 4)" in capsys.readouterr().err
     assert main(["promote", run.id, "2", "--store", str(store.root)]) == 0

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora_app.errors import RunNotFound, UserError
+from lora_app.errors import NoSuchRun, UserError
 from lora_app.training.probes import by_prompt, step_label
 from lora_app.training.rating import ratings
 from lora_app.training.store import Run, RunStore
@@ -26,7 +26,7 @@ def find_run(store: RunStore, key: str) -> Run:
     for run in store.list():
         if key in (run.id, run.name):
             return run
-    raise RunNotFound(key)
+    raise NoSuchRun(key, store.root)
 
 
 def probes_text(store: RunStore, run: Run) -> str:
