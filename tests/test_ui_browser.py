@@ -265,7 +265,8 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         page.locator("#sweep-settings").get_by_text("Sweep").first.click()
         page.locator("#sweep-grid textarea, #sweep-grid input").first.fill("rank=2,4; alpha=4,8")
         page.locator("#sweep-start").click()
-        expect(page.locator("#train-status")).to_contain_text("Queued a sweep of 4 runs")
+        # every combination is checked (its data and model config read) before any is queued
+        expect(page.locator("#train-status")).to_contain_text("Queued a sweep of 4 runs", timeout=60_000)
         store = RunStore(home / "runs")
         deadline = time.time() + 240
         while sum(r.status == "completed" for r in store.list()) < 5:
