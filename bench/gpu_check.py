@@ -201,7 +201,7 @@ def step_seconds(ends: list[float]) -> list[float]:
 def check_generation(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from bench_inference import make_adapters, switch_latency, tokens_per_s
+    from bench_inference import make_adapters, studio_run, switch_latency
     from lora_app.inference import GenerationSettings, InferenceEngine, Mode
 
     tokens = spec["tokens"]
@@ -209,9 +209,11 @@ def check_generation(spec: dict) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         # the engine's own choice (bf16 on a GPU), then fp32 where that differs
-        for dtype in (None, torch.float32) if torch.cuda.is_available() else (None,):
+        for dtype in (None, torch.float32):
             base = InferenceEngine(device="auto", dtype=dtype, work_dir=tmp).base(spec["model"])
             label = str(base.model.dtype).removeprefix("torch.")
+            if dtype is not None and label == out["generation_dtype"]:
+                break
             folders = make_adapters(base.model, Path(tmp) / label, rank=16, scale=0.02)
             names = [base.load_adapter(folder) for folder in folders]
             print(f"{label}: base loaded, adapters made", file=sys.stderr, flush=True)
@@ -233,10 +235,10 @@ def check_generation(spec: dict) -> dict:
             plain = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=base.model.dtype).to(base.model.device)
             ids = base.tokenizer(PROMPT, return_tensors="pt").input_ids.to(base.model.device)
             speeds = {"transformers generate": lambda: plain_generate(plain, ids, tokens),
-                      "studio base": lambda: tokens_per_s(base, Mode.base(), settings),
-                      "studio merged": lambda: tokens_per_s(base, Mode.of(names[0], merged=True), settings),
-                      "studio 1 adapter": lambda: tokens_per_s(base, Mode.of(names[0]), settings),
-                      "studio 3-adapter mix": lambda: tokens_per_s(base, Mode.of(names), settings)}
+                      "studio base": studio_run(base, Mode.base(), settings),
+                      "studio merged": studio_run(base, Mode.of(names[0], merged=True), settings),
+                      "studio 1 adapter": studio_run(base, Mode.of(names[0]), settings),
+                      "studio 3-adapter mix": studio_run(base, Mode.of(names), settings)}
             runs = {what: [] for what in speeds}
             for _ in range(spec["repeats"] + 1):  # interleaved; the first round warms up
                 for what, measure in speeds.items():

@@ -16,14 +16,30 @@ from pathlib import Path
 import torch
 
 BF16_CPU_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}  # /proc/cpuinfo flag -> its name
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class Precision:
-    """``name``: "bf16", "fp16" or "fp32"; ``reason``: why, in words for the log and the page."""
+    """``name``: "bf16", "fp16" or "fp32"; ``reason``: why, in words for the log and the page;
+    ``fp32_prompts``: generation only, the weights are held in bf16 but a prompt's pass (many rows
+    at once) is computed in fp32 (see ``generation_precision``)."""
 
     name: str
     reason: str
+    fp32_prompts: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} weights, fp32 prompts" if self.fp32_prompts else self.name
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, reason: str) -> "Precision":
+        return cls(next(name for name, known in DTYPES.items() if known == dtype), reason)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
 
     @property
     def accelerate(self) -> str:
@@ -50,8 +66,8 @@ def native_bf16_cpu() -> str | None:
 
 
 def choose_precision(requested: str, device_type: str) -> Precision:
-    """The precision a run trains in: ``requested`` unless it is "auto", which picks the fastest
-    that the hardware computes natively."""
+    """The precision a run trains in (and the inference engine generates in): ``requested`` unless
+    it is "auto", which picks the fastest that the hardware computes natively."""
     if requested != "auto":
         return Precision(requested, "chosen in the settings")
     if device_type == "cuda":
@@ -62,3 +78,16 @@ def choose_precision(requested: str, device_type: str) -> Precision:
     if native:
         return Precision("bf16", f"this CPU computes bf16 natively ({native})")
     return Precision("fp32", "this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 is slower than fp32")
+
+
+def generation_precision(device_type: str) -> Precision:
+    """What the inference engine holds a base model's weights in: training's choice, except on a
+    CPU without native bf16. Generating one token there reads every weight once and is bound by
+    memory, so bf16 weights (half the bytes) run about twice as fast as fp32 even though the CPU
+    converts them; a prompt's pass does real matrix products, which emulated bf16 makes several
+    times slower, so those run in fp32 (``bench/bench_inference.py`` measures all three)."""
+    chosen = choose_precision("auto", device_type)
+    if device_type == "cpu" and chosen.name == "fp32":
+        return Precision("bf16", "this CPU has no native bf16: bf16 weights make each token read half the "
+                                 "bytes, and prompts are computed in fp32", fp32_prompts=True)
+    return chosen

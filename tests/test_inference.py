@@ -146,6 +146,49 @@ def test_base_models_are_kept_per_model_and_quantization_and_evicted_lru(tmp_pat
     assert engine.loaded() == [other.key] and engine.base(assets["base"]) is not first
 
 
+@pytest.mark.parametrize("flags, chat, export", [
+    ({"avx2", "fma"}, "bf16 weights, fp32 prompts", "fp32"),  # a token reads half the bytes
+    ({"avx512f", "avx512_bf16"}, "bf16", "fp32"),
+    ({"amx_bf16", "amx_tile"}, "bf16", "fp32"),
+])
+def test_the_engine_picks_its_precision_by_what_the_machine_computes(monkeypatch, tmp_path, flags, chat, export):
+    from lora_app import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    asked = []
+
+    def loader(name, quantization, *, dtype, device):
+        asked.append(dtype)
+        raise InferenceError("stop here")
+
+    engine = InferenceEngine(device="cpu", work_dir=tmp_path, loader=loader)
+    assert engine.key("any").precision.label == chat and engine.key("any", for_export=True).precision.label == export
+    assert engine.key("any", "4bit").precision == hardware.choose_precision("auto", "cpu")  # bitsandbytes computes
+    with pytest.raises(InferenceError):
+        engine.base("any")
+    with pytest.raises(InferenceError):
+        InferenceEngine(device="cpu", dtype=torch.float32, work_dir=tmp_path, loader=loader).base("any")
+    assert asked == [torch.bfloat16, torch.float32]  # what the caller asks for wins
+
+
+def test_bf16_weights_compute_a_prompt_in_fp32_and_a_token_in_bf16():
+    from conftest import tiny_model
+    from lora_app.inference.decode import FP32_ROWS, Fp32PromptLinear, fp32_prompt_passes
+
+    model = tiny_model("llama").to(torch.bfloat16).eval()
+    fp32_prompt_passes(model)
+    layer = model.model.layers[0].mlp.up_proj
+    assert type(layer) is Fp32PromptLinear and layer.weight.dtype == torch.bfloat16
+    prompt = torch.randn(1, FP32_ROWS + 1, layer.in_features).bfloat16()
+    expected = torch.nn.functional.linear(prompt.float(), layer.weight.float()).bfloat16()
+    assert torch.equal(layer(prompt), expected)
+    token = prompt[:, :1]
+    assert torch.equal(layer(token), torch.nn.functional.linear(token, layer.weight))
+    ids = torch.randint(3, 100, (1, 2 * FP32_ROWS))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
 # ------------------------------------------------------------------------------------- generation
 def test_streaming_pieces_add_up_and_report_tokens_per_second(base):
     stream = base.stream("hello", settings=GREEDY.with_(max_new_tokens=8))
@@ -164,6 +207,37 @@ def test_sampling_is_seeded_and_greedy_ignores_the_seed(base):
     assert text(base, None, settings=GREEDY.with_(seed=1)) == text(base, None, settings=GREEDY.with_(seed=2))
     plain = GenerationSettings(max_new_tokens=12, temperature=1.0, seed=7)  # top-p and top-k off
     assert text(base, None, settings=plain) == text(base, None, settings=plain)
+
+
+@pytest.mark.parametrize("settings", [
+    GREEDY.with_(max_new_tokens=12),
+    GenerationSettings(max_new_tokens=12, temperature=1.3, top_p=0.9, top_k=20, repetition_penalty=1.2, seed=3),
+    GenerationSettings(max_new_tokens=12, min_new_tokens=12, temperature=1.0, seed=5),
+], ids=["greedy", "sampled", "min-length"])
+def test_the_token_loop_picks_what_transformers_generate_picks(base, assets, settings):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(assets["base"])
+    ids = encode_prompt(base.tokenizer, "hello")
+    torch.manual_seed(settings.seed)
+    config = settings.generation_config(base.eos_token_ids, base.tokenizer.pad_token_id)
+    expected = reference.generate(**ids, generation_config=config)[0, ids["input_ids"].shape[1]:]
+    result = base.generate("hello", settings=settings)
+    assert result.text == base.tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert result.new_tokens == len(expected)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2", "llama"])
+def test_the_token_loop_follows_generate_on_each_architecture(kind):
+    from conftest import tiny_model
+    from lora_app.inference.decode import TokenLoop
+
+    model = tiny_model(kind).eval()
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    expected = model.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              eos_token_id=[0], pad_token_id=0)[0, 7:].tolist()
+    loop = TokenLoop(model, GREEDY.with_(max_new_tokens=12, min_new_tokens=12), [0], threading.Event())
+    assert list(loop.run(ids)) == expected and loop.seconds > 0
 
 
 def test_stops_at_eos(base):

@@ -64,7 +64,7 @@ def assets(tmp_path_factory):
 
 @pytest.fixture
 def engine(tmp_path):
-    return InferenceEngine(device="cpu", work_dir=tmp_path / "work")
+    return InferenceEngine(device="cpu", dtype=torch.float32, work_dir=tmp_path / "work")  # exact comparisons
 
 
 @pytest.fixture

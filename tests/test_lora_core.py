@@ -10,8 +10,8 @@ from torch import nn
 from conftest import tiny_model
 from lora_app.lora import (VARIANTS, AdapterLoadError, DeltaLoraUpdater, LoraConfig, LoraConfigError, LoraLayer,
                            TargetError, adapter_modules, add_adapter, count_parameters, export_merged, load_adapter,
-                           lora_layers, merge_adapters, param_groups, remove_adapter, resolve_targets, save_adapter,
-                           set_active_adapters, unmerge_adapters)
+                           lora_layers, merge_adapters, pack_adapters, param_groups, remove_adapter, resolve_targets, save_adapter,
+                           set_active_adapters, set_trainable, unmerge_adapters)
 
 
 def randomize(model, name, scale=0.2, seed=0):
@@ -198,6 +198,35 @@ def test_weighted_mix_merge_on_a_real_model(input_ids):
     assert (logits(model, input_ids) - mixed).abs().max() < 1e-5
     set_active_adapters(model, {"a": 0.5, "b": 1.5})  # leaving merged mode is exact
     assert (logits(model, input_ids) - mixed).abs().max() < 1e-5
+
+
+def test_a_packed_mix_computes_what_the_adapters_compute(input_ids):
+    model = tiny_model("llama").eval()
+    add_adapter(model, LoraConfig(rank=4), "a")
+    add_adapter(model, LoraConfig(rank=2, alpha=8, variant="rslora"), "b")
+    add_adapter(model, LoraConfig(rank=3, variant="lora-fa"), "c")
+    add_adapter(model, LoraConfig(rank=2, variant="dora", targets=["q_proj"]), "d")
+    for seed, name in enumerate("abcd"):
+        randomize(model, name, seed=seed)
+    layers = list(lora_layers(model).values())
+    for mix in ({"a": 1.0}, {"a": 0.7, "b": -0.4, "c": 1.3}, {"a": 0.5, "d": 0.5}):
+        set_active_adapters(model, mix)
+        expected = logits(model, input_ids)
+        pack_adapters(model)
+        packable = [layer.active and "d" not in layer.active for layer in layers]  # DoRA's layers stay as they are
+        assert [layer.packed is not None for layer in layers] == packable and any(packable)
+        assert (logits(model, input_ids) - expected).abs().max() < 1e-5
+    set_active_adapters(model, "b")  # a new mix drops the packs, as does removing an adapter
+    assert all(layer.packed is None for layer in layers)
+    pack_adapters(model)
+    remove_adapter(model, "b")
+    assert all(layer.packed is None for layer in layers)
+    model.train()  # training never uses a pack: gradients reach the adapters
+    set_active_adapters(model, "a")
+    set_trainable(model, "a")
+    pack_adapters(model)
+    model(input_ids).logits.sum().backward()
+    assert all(m.lora_B.weight.grad is not None for m in adapter_modules(model, "a").values())
 
 
 # ------------------------------------------------------------------------------------ variants

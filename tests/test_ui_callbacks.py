@@ -372,6 +372,7 @@ def test_zip_delete_with_confirmation(finished_run):
 
 def test_chat_streams_with_every_mode_and_keeps_history(finished_run, tiny_llama):
     from lora_app.ui.adapters import adapter_choices
+    from lora_app.hardware import generation_precision
     from lora_app.ui.chat_tab import refresh_adapters, respond, undo
 
     choice = f"run:{finished_run.id}"
@@ -382,7 +383,7 @@ def test_chat_streams_with_every_mode_and_keeps_history(finished_run, tiny_llama
     for kind, picked, weights in (("base", [], ""), ("adapter", [choice], ""), ("mix", [choice], "0.5"),
                                   ("merged", [choice], "")):
         *_, (history, box, status) = respond("Hello", history, tiny_llama, kind, picked, weights, *settings)
-        assert box == "" and "tokens/s" in status, status
+        assert box == "" and f"tokens/s ({generation_precision('cpu').label} on cpu)" in status, status
     assert [m["role"] for m in history] == ["user", "assistant"] * 4
     assert "merged(pirate_v1)" in status
     *_, (same, box, status) = respond("Hi", history, tiny_llama, "adapter", [], "", *settings)

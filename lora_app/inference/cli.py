@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lora_app import hardware
 from lora_app.data import PromptFormat, SystemPrompt
 from lora_app.errors import AdapterLoadError, InferenceError, UserError
 from lora_app.inference.devices import DEVICE_CHOICES
@@ -69,6 +70,9 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=("auto", *hardware.DTYPES), default="auto",
+                        help="what the base's weights are held in; auto: the fastest on this machine "
+                             "(bf16 weights on a CPU without native bf16, with prompts computed in fp32)")
     return parser
 
 
@@ -133,9 +137,11 @@ def _system(args, folders) -> SystemPrompt:
     return SystemPrompt()
 
 
-def _engine_base(args, folders):
+def _engine_base(args, folders, for_export: bool = False):
     weights = _mode_weights(args)
-    base = InferenceEngine(device=args.device).base(args.model, args.quantization)
+    precision = getattr(args, "precision", "auto")
+    dtype = None if precision == "auto" else hardware.DTYPES[precision]
+    base = InferenceEngine(device=args.device, dtype=dtype).base(args.model, args.quantization, for_export=for_export)
     names = [base.load_adapter(folder) for folder in folders]
     if len(set(names)) != len(names):
         raise InferenceError("the same adapter was given twice.")
@@ -193,7 +199,7 @@ def run_export(args, out) -> int:
         written.append(zip_adapter(folders[0], args.zip_out, overwrite=args.overwrite))
         push_folder = folders[0]
     if args.merged_out or args.gguf_out or args.gguf_adapter_out:
-        base, mix = _engine_base(args, folders)
+        base, mix = _engine_base(args, folders, for_export=True)
     if args.merged_out:
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
         written.append(base.export_merged(args.merged_out, mix, dtype=dtype, overwrite=args.overwrite))

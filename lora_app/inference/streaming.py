@@ -1,30 +1,30 @@
 """Streaming generation: text pieces as they are decoded, then the figures of the whole run.
 
-``model.generate`` runs in a worker thread feeding a ``TextIteratorStreamer``; the caller iterates
-the pieces. Why a thread and not a hand-written loop: transformers' sampler already does top-p,
-top-k, repetition penalty, the KV cache and multiple EOS ids exactly, and the same code then serves
-every architecture. The stream can be abandoned at any time (a closed browser tab): closing it sets
-a stopping flag the worker checks after each token, so the model is free again within one token.
+The tokens come from ``decode.TokenLoop`` in the caller's own thread, one per ``next()``: no worker
+thread, no queue. Text is cut into pieces the way transformers' ``TextStreamer`` does (whole words,
+a line at a time), so a piece never ends in half a character. The stream can be abandoned at any
+time (a closed browser tab): closing it stops the loop, so the model is free again at once.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteriaList, TextIteratorStreamer
+from transformers import TextStreamer
 
+from lora_app.inference.decode import TokenLoop
 from lora_app.inference.settings import GenerationSettings
 
 
 @dataclass(frozen=True)
 class Generation:
     """One finished generation. ``text`` is the reply without special tokens, stripped;
-    ``new_tokens`` counts every generated token (the final EOS included); ``seconds`` is the wall
-    time of ``generate`` (prompt processing included) and ``tokens_per_s`` = new_tokens / seconds.
+    ``new_tokens`` counts every generated token (the final EOS included); ``seconds`` is the time
+    spent computing (the prompt's pass included; the caller's time between pieces not) and
+    ``tokens_per_s`` = new_tokens / seconds.
     ``finish_reason`` is "eos", "length" or "cancelled"; ``mode`` the label of the mode that ran."""
 
     text: str
@@ -36,15 +36,20 @@ class Generation:
     mode: str = ""
 
 
-class _Stop:
-    """A stopping criterion that ends generation once ``event`` is set (transformers calls it with
-    the ids so far after every step)."""
+class _Pieces(TextStreamer):
+    """``TextStreamer``'s word-at-a-time cutting, collected into a list instead of printed."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.ready: list[str] = []
 
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.ready.append(text)
+
+    def take(self) -> list[str]:
+        ready, self.ready = self.ready, []
+        return ready
 
 
 class GenerationStream:
@@ -94,59 +99,33 @@ class GenerationStream:
         return self.result
 
     def _run(self) -> Iterator[str]:
-        label, worker = "", None
         try:
             label = self.before() if self.before else ""
-            inputs = {k: v.to(self.model.device) for k, v in self.prepare().items()}
-            prompt_len = inputs["input_ids"].shape[1]
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            config = self.settings.generation_config(self.eos_token_id, self.tokenizer.pad_token_id)
-            outcome: dict = {}
-
-            def work():
-                try:
-                    with torch.random.fork_rng(devices=_cuda_devices(self.model)):
-                        if self.settings.seed is not None:
-                            torch.manual_seed(self.settings.seed)
-                        start = time.perf_counter()
-                        outcome["ids"] = self.model.generate(
-                            **inputs, generation_config=config, streamer=streamer,
-                            stopping_criteria=StoppingCriteriaList([_Stop(self._cancel)]))
-                        outcome["seconds"] = time.perf_counter() - start
-                except BaseException as err:  # handed to the caller's thread below
-                    outcome["error"] = err
-                    streamer.end()  # generate died before ending the stream: unblock the reader
-
-            worker = threading.Thread(target=work, name="lora-app-generate", daemon=True)
-            worker.start()
-            pieces = []
-            for piece in streamer:
-                if piece:
+            input_ids = self.prepare()["input_ids"].to(self.model.device)
+            loop = TokenLoop(self.model, self.settings, self.eos_token_id, self._cancel)
+            pieces, cutter, new_ids = [], _Pieces(self.tokenizer), []
+            for token in loop.run(input_ids):
+                new_ids.append(token)
+                cutter.put(torch.tensor([token]))
+                for piece in cutter.take():
                     pieces.append(piece)
                     yield piece
-            worker.join()
-            if "error" in outcome:
-                raise outcome["error"]
-            new_ids = outcome["ids"][0, prompt_len:]
-            seconds = outcome["seconds"]
+            cutter.end()
+            for piece in cutter.take():
+                pieces.append(piece)
+                yield piece
             if self._cancel.is_set():
                 reason = "cancelled"
-            elif len(new_ids) and int(new_ids[-1]) in self.eos_token_id:
+            elif new_ids and new_ids[-1] in self.eos_token_id:
                 reason = "eos"
             else:
                 reason = "length"
+            seconds = loop.seconds
             self.result = Generation(
-                text="".join(pieces).strip(), new_tokens=len(new_ids), prompt_tokens=prompt_len,
+                text="".join(pieces).strip(), new_tokens=len(new_ids), prompt_tokens=input_ids.shape[1],
                 seconds=seconds, tokens_per_s=len(new_ids) / seconds if seconds > 0 else 0.0,
                 finish_reason=reason, mode=label)
         finally:
             self._cancel.set()
-            if worker is not None:
-                worker.join()
             if self.after:
                 self.after()
-
-
-def _cuda_devices(model) -> list[int]:
-    device = getattr(model, "device", torch.device("cpu"))
-    return [device.index or 0] if device.type == "cuda" else []

@@ -19,7 +19,7 @@ __getattr__, __all__ = exports(__name__, {
            "save_adapter"),
     "layer": ("LoraLayer",),
     "model": ("adapter_config", "adapter_modules", "adapter_names", "add_adapter", "count_parameters", "is_merged",
-              "lora_layers", "merge_adapters", "remove_adapter", "set_active_adapters", "set_trainable",
+              "lora_layers", "merge_adapters", "pack_adapters", "remove_adapter", "set_active_adapters", "set_trainable",
               "unmerge_adapters"),
     "optim": ("param_groups",),
     "targets": ("DEFAULT_TARGETS", "TargetError", "find_linear_modules", "resolve_targets"),

@@ -43,6 +43,11 @@ class Adapter(nn.Module):
     def saved_params(self) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A, B)`` with ``forward`` exactly ``B (A x)`` outside training, or None where the
+        variant is not of that form; lets ``LoraLayer.pack`` run a whole mix as one pair."""
+        return None
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """What ``save_adapter`` writes (a variant may transform it, see Delta-LoRA)."""
         return self.saved_params()
@@ -77,6 +82,9 @@ class LoraAdapter(Adapter):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def factors(self):
+        return self.lora_A.weight, self.lora_B.weight * self.scaling
 
     def weight_terms(self, base_weight: torch.Tensor):
         return None, self.delta_weight()
@@ -149,6 +157,9 @@ class DoraAdapter(LoraAdapter):
     def weight_terms(self, base_weight):
         f = self._row_scale(base_weight).detach()
         return f, f[:, None] * self.delta_weight()
+
+    def factors(self):
+        return None  # the row norm rescales the base output too
 
     def saved_params(self):
         return {**super().saved_params(), "lora_magnitude_vector": self.lora_magnitude_vector}

@@ -247,7 +247,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
         if isinstance(module, LoraLayer) or is_quantized(module):
             base = module.base_layer if isinstance(module, LoraLayer) else module
             if isinstance(module, LoraLayer) and module.merged is None and module.active:
-                weight = module.merged_weight()[0]
+                weight = module.merged_weight()
             else:  # unmerged and inactive, or already merged in place: the base weight is the answer
                 weight = dequantized_weight(base).float()
             weight = weight.T if is_conv1d(base) else weight

@@ -124,6 +124,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             layer.unmerge()
             del layer.adapters[name]
             layer.active.pop(name, None)
+            layer.packed = None
 
 
 def set_active_adapters(model: nn.Module, adapters: str | list[str] | dict[str, float] | None,
@@ -149,6 +150,15 @@ def set_active_adapters(model: nn.Module, adapters: str | list[str] | dict[str, 
         # Refilled in place: assigning a new dict would go through the slow nn.Module.__setattr__.
         layer.active.clear()
         layer.active.update((n, w) for n, w in weights.items() if n in layer.adapters)
+        layer.packed = None
+
+
+def pack_adapters(model: nn.Module, layers: Iterable[LoraLayer] | None = None) -> None:
+    """For inference only: run each layer's active mix as one low-rank pair (``LoraLayer.pack``).
+    The next ``set_active_adapters`` or ``remove_adapter`` drops the packs; adapter weights must not
+    change in between (the inference engine never trains)."""
+    for layer in _layers(model, layers):
+        layer.pack()
 
 
 def merge_adapters(model: nn.Module, layers: Iterable[LoraLayer] | None = None) -> None:

@@ -35,9 +35,10 @@ def gpu_busy() -> bool:
     return any(r.status == "running" and r.device.startswith("cuda") for r in run_store().list())
 
 
-def base_for(model: str | None, quantization: str | None = None):
-    """The loaded base model for chat/compare (loaded on first use, then reused)."""
-    return engine().base((model or "default").strip(), quantization, gpu_busy=gpu_busy())
+def base_for(model: str | None, quantization: str | None = None, for_export: bool = False):
+    """The loaded base model for chat/compare, or ``for_export`` the one to merge into and export
+    from (loaded on first use, then reused; on a GPU they are one)."""
+    return engine().base((model or "default").strip(), quantization, gpu_busy=gpu_busy(), for_export=for_export)
 
 
 def same_model(a: str | None, b: str | None) -> bool:
@@ -58,12 +59,12 @@ def adapter_choices(model: str | None) -> list[tuple[str, str]]:
             promoted = "" if run.promoted_step is None else f" (step {run.promoted_step})"
             choices.append((run.name + promoted, f"run:{run.id}"))
     run_folders = {str(r.adapter_path.resolve()) for r in run_store().list()}
-    eng = engine()
-    for key in eng.loaded():
-        if same_model(key.model, model):
-            for info in eng.base(key.model, key.quantization, device=key.device).adapters():
-                if str(Path(info.folder).resolve()) not in run_folders:
-                    choices.append((f"{info.name} (uploaded)", f"name:{info.name}"))
+    for base in engine().bases():
+        if same_model(base.key.model, model):
+            for info in base.adapters():
+                choice = (f"{info.name} (uploaded)", f"name:{info.name}")
+                if str(Path(info.folder).resolve()) not in run_folders and choice not in choices:
+                    choices.append(choice)
     return choices
 
 
@@ -77,8 +78,9 @@ def adapter_name(run) -> str:
 def resolve(base, choice: str) -> str:
     """The engine's adapter name for a choice, loading a run's adapter the first time."""
     kind, _, value = (choice or "").partition(":")
-    if kind == "name":
-        return value
+    if kind == "name":  # an upload: loaded onto the chat's base, and onto this one on first use
+        folder = adapter_folder(choice)
+        return value if folder is None else base.load_adapter(folder, name=value)
     if kind != "run":
         raise UserError(f"Unknown adapter {choice!r}.")
     run = run_store().get(value)
@@ -95,9 +97,8 @@ def adapter_folder(choice: str) -> Path | None:
     kind, _, value = (choice or "").partition(":")
     if kind == "run":
         return run_store().get(value).adapter_path
-    eng = engine()
-    for key in eng.loaded():
-        for info in eng.base(key.model, key.quantization, device=key.device).adapters():
+    for base in engine().bases():
+        for info in base.adapters():
             if info.name == value:
                 return Path(info.folder)
     return None

@@ -73,7 +73,7 @@ def respond(message, history, model, kind, choices, weights, system, use_default
             yield shown, "", f"Answering as **{mode.label}**…"
         result = stream.result
         shown[-1] = {"role": "assistant", "content": result.text or reply}
-        yield shown, "", (f"**{result.mode}** · {result.new_tokens} tokens · {result.tokens_per_s:.1f} tokens/s"
+        yield shown, "", (f"**{result.mode}** · {result.new_tokens} tokens · {result.tokens_per_s:.1f} tokens/s ({base.precision})"
                           + (" · stopped at the token limit" if result.finish_reason == "length" else ""))
     except Exception as err:  # the chat stays usable: the message goes back in the box, the reason shows
         yield history, message, f"⚠️ {explain(err)}"
@@ -83,7 +83,7 @@ def export_gguf(model, kind, choices, weights, progress=gr.Progress()):
     """The model as chatted with (the chosen adapters merged in, as the mode weighs them) as one GGUF
     file with its Modelfile, under the app's exports folder; the status line says where and what the
     template check found."""
-    base = adapters.base_for(model, None)
+    base = adapters.base_for(model, None, for_export=True)
     mode = adapters.mode_for(base, kind, choices, weights)
     folder = adapters.adapter_folder(choices[0]) if choices else None
     name = "-".join(mode.adapters) or "base"

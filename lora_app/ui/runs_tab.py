@@ -132,7 +132,7 @@ def export_merged(run_id) -> str:
     folder = Path(run.output) / ("merged" if run.promoted_step is None else f"merged-step{run.promoted_step}")
     if folder.exists() and any(folder.iterdir()):
         return f"A merged model already exists in `{folder}`."
-    base = adapters.base_for(run.config.get("model"), None)
+    base = adapters.base_for(run.config.get("model"), None, for_export=True)
     name = adapters.resolve(base, f"run:{run.id}")
     path = base.export_merged(folder, adapters=name)
     return (f"Merged model written to `{path}`: load it with "
@@ -144,7 +144,7 @@ def export_gguf(run_id, gguf_type, progress=gr.Progress()) -> str:
     ``export`` folder, and the template check of both against training."""
     run = _adapter_of(run_id)
     target = Path(run.output) / "export" / f"{adapters.adapter_name(run)}-{gguf_type}.gguf"
-    base = adapters.base_for(run.config.get("model"), None)
+    base = adapters.base_for(run.config.get("model"), None, for_export=True)
     name = adapters.resolve(base, f"run:{run.id}")
     done = base.export_gguf(target, name, PromptFormat.load(run.adapter_path), gguf_type=gguf_type,
                             conversations=run_conversations(run.adapter_path), name=run.name, overwrite=True,
