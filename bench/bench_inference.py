@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from lora_app.hardware import generation_precision, native_bf16_cpu  # noqa: E402
+from lora_app.hardware import cpu_name, generation_precision, native_bf16_cpu  # noqa: E402
 from lora_app.inference import GenerationSettings, InferenceEngine, Mode  # noqa: E402
 from lora_app.inference.prompts import encode_prompt  # noqa: E402
 from lora_app.models import resolve_model_path  # noqa: E402
@@ -102,9 +101,7 @@ def prompt_pass_ms(model, length: int = 300) -> float:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, native bf16: "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, native bf16: "
             f"{native_bf16_cpu() or 'no'}, torch {torch.__version__}, transformers {transformers.__version__}")
 
 

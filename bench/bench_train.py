@@ -127,20 +127,17 @@ def main() -> None:
         result = (run_peer if args.side == "peer" else run_ours)(args)
         print(json.dumps(result))
         return
-    import platform
     import random
     import tempfile
 
     import torch
 
-    from lora_app.hardware import choose_precision, native_bf16_cpu
+    from lora_app.hardware import choose_precision, cpu_name, native_bf16_cpu
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.peer_precision is None:  # the peer's best: bf16 autocast where the hardware computes it natively
         args.peer_precision = "fp32" if choose_precision("auto", device).name == "fp32" else "bf16"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"machine: {cpu}, {os.cpu_count()} cores, native bf16: {native_bf16_cpu() or 'no'}"
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, native bf16: {native_bf16_cpu() or 'no'}"
           + (f", GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""))
 
     rows = json.loads(ALPACA.read_text())

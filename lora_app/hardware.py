@@ -10,6 +10,7 @@ on; older ones get fp16 with loss scaling.
 from __future__ import annotations
 
 import functools
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,15 +48,25 @@ class Precision:
         return "no" if self.name == "fp32" else self.name
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where it cannot be read)."""
+def _cpuinfo(field: str) -> str:
+    """The first value of ``field`` in Linux ``/proc/cpuinfo`` ("" where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+        return ""
+    line = next((line for line in text.splitlines() if line.startswith(field)), "")
+    return line.partition(":")[2].strip()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where they cannot be read)."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for benchmark tables."""
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 def native_bf16_cpu() -> str | None:

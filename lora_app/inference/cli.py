@@ -36,8 +36,8 @@ from lora_app.lora import read_adapter
 from lora_app.lora.config import QUANTIZATIONS
 from lora_app.model_source import DEFAULT_MODEL
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+# --dtype takes the short names (fp32) and torch's (float32)
+DTYPES = {**hardware.DTYPES, **{str(dtype).removeprefix("torch."): dtype for dtype in hardware.DTYPES.values()}}
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,10 +137,8 @@ def _system(args, folders) -> SystemPrompt:
     return SystemPrompt()
 
 
-def _engine_base(args, folders, for_export: bool = False):
+def _engine_base(args, folders, dtype: torch.dtype | None = None, for_export: bool = False):
     weights = _mode_weights(args)
-    precision = getattr(args, "precision", "auto")
-    dtype = None if precision == "auto" else hardware.DTYPES[precision]
     base = InferenceEngine(device=args.device, dtype=dtype).base(args.model, args.quantization, for_export=for_export)
     names = [base.load_adapter(folder) for folder in folders]
     if len(set(names)) != len(names):
@@ -161,7 +159,7 @@ def run_generate(args, out) -> int:
     if not prompt.strip():
         raise InferenceError("The prompt is empty: give some text with --prompt.")
     folders = _adapter_folders(args)
-    base, mix = _engine_base(args, folders)
+    base, mix = _engine_base(args, folders, None if args.precision == "auto" else hardware.DTYPES[args.precision])
     system = args.system if args.raw else _system(args, folders)  # raw refuses a system prompt
     stream = base.stream(prompt, system=system, raw=args.raw, settings=settings,
                          mode=Mode.of(mix, merged=args.merge))
@@ -201,7 +199,7 @@ def run_export(args, out) -> int:
     if args.merged_out or args.gguf_out or args.gguf_adapter_out:
         base, mix = _engine_base(args, folders, for_export=True)
     if args.merged_out:
-        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+        dtype = DTYPES[args.dtype] if args.dtype else None
         written.append(base.export_merged(args.merged_out, mix, dtype=dtype, overwrite=args.overwrite))
         push_folder = written[-1]
     if args.gguf_out:

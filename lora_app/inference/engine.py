@@ -44,9 +44,9 @@ class InferenceEngine:
 
     ``device``: "auto" (GPU if any, else CPU), "cpu", "cuda" or "cuda:N"; ``dtype``: None picks
     ``hardware.generation_precision`` for chat (bf16 weights wherever that is faster); a base
-    ``for_export`` is fp32 on a CPU, so a merged export loses nothing, and training's precision on a
-    GPU; ``adapter_budget_bytes``: the
-    adapter parameters each base keeps in RAM before evicting the least recently used;
+    ``for_export`` is fp32 on a CPU, so a merged export loses nothing, and training's precision on
+    a GPU; ``adapter_budget_bytes``: the adapter parameters each base keeps in RAM before evicting
+    the least recently used;
     ``max_bases``: how many base models stay loaded; ``work_dir``: where uploaded zips are unpacked
     (default ``LORA_APP_HOME/inference``); ``loader``: ``load_model``'s stand-in (tests).
     """

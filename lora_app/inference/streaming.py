@@ -42,6 +42,7 @@ class _Pieces(TextStreamer):
     def __init__(self, tokenizer):
         super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
         self.ready: list[str] = []
+        self.taken: list[str] = []  # every piece handed out so far
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:
@@ -49,6 +50,7 @@ class _Pieces(TextStreamer):
 
     def take(self) -> list[str]:
         ready, self.ready = self.ready, []
+        self.taken += ready
         return ready
 
 
@@ -103,17 +105,13 @@ class GenerationStream:
             label = self.before() if self.before else ""
             input_ids = self.prepare()["input_ids"].to(self.model.device)
             loop = TokenLoop(self.model, self.settings, self.eos_token_id, self._cancel)
-            pieces, cutter, new_ids = [], _Pieces(self.tokenizer), []
+            cutter, new_ids = _Pieces(self.tokenizer), []
             for token in loop.run(input_ids):
                 new_ids.append(token)
                 cutter.put(torch.tensor([token]))
-                for piece in cutter.take():
-                    pieces.append(piece)
-                    yield piece
+                yield from cutter.take()
             cutter.end()
-            for piece in cutter.take():
-                pieces.append(piece)
-                yield piece
+            yield from cutter.take()
             if self._cancel.is_set():
                 reason = "cancelled"
             elif new_ids and new_ids[-1] in self.eos_token_id:
@@ -122,7 +120,7 @@ class GenerationStream:
                 reason = "length"
             seconds = loop.seconds
             self.result = Generation(
-                text="".join(pieces).strip(), new_tokens=len(new_ids), prompt_tokens=input_ids.shape[1],
+                text="".join(cutter.taken).strip(), new_tokens=len(new_ids), prompt_tokens=input_ids.shape[1],
                 seconds=seconds, tokens_per_s=len(new_ids) / seconds if seconds > 0 else 0.0,
                 finish_reason=reason, mode=label)
         finally:
