@@ -367,3 +367,22 @@ def test_adapters_added_to_an_eval_model_start_in_eval_mode(input_ids):
         assert not module.training
     model.train()
     assert all(module.training for module in model.modules())
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (4096,), (2, 1001)])  # sizes that are and are not multiples of 4
+def test_dropout_drops_p_of_the_input_and_scales_the_rest(shape):
+    from lora_app.lora.adapters import Dropout
+
+    torch.manual_seed(0)
+    dropout = Dropout(0.25).train()
+    x = torch.ones(shape, requires_grad=True)
+    y = dropout(x)
+    assert y.shape == x.shape
+    kept = y != 0
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # the gradient passes exactly where the input did
+    draws = torch.cat([(dropout(torch.ones(100_000)) == 0).float() for _ in range(10)])
+    assert abs(draws.mean().item() - 0.25) < 0.005
+    assert not torch.equal(dropout(x), dropout(x))  # a new mask every call
+    assert torch.equal(dropout.eval()(x), x)

@@ -24,16 +24,19 @@ class Dropout(nn.Dropout):
     """Inverted dropout, ``x * keep / (1 - p)``, with the mask drawn as 15-bit integers.
 
     Each adapter drops its input, seven times per transformer layer. On a CPU, torch's own dropout
-    (``bernoulli_``) spends more time drawing the mask than the adapter spends on its matmuls; integer
-    draws are about 2.5x faster. ``p`` is rounded to a multiple of 1/32768 (0.05 -> 0.050018).
-    Autograd keeps the boolean mask (1 byte per element), as ``nn.Dropout`` does.
+    (``bernoulli_``) spends more time drawing the mask than the adapter spends on its matmuls. Here
+    one 64-bit draw gives four masks' worth of 15 bits (its four 16-bit pieces, the sign bit
+    cleared), about 5x faster than ``bernoulli_``. ``p`` is rounded to a multiple of 1/32768
+    (0.05 -> 0.050018). Autograd keeps the boolean mask (1 byte per element), as ``nn.Dropout`` does.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         threshold = round(self.p * 32768)
-        keep = torch.randint(0, 32768, x.shape, dtype=torch.int16, device=x.device) >= threshold
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
+        keep = (bits.bitwise_and_(0x7FFF) >= threshold).view(x.shape)
         return (x * keep).mul_(32768 / (32768 - threshold))
 
 
