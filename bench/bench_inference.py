@@ -6,10 +6,12 @@ Prints, for the chosen base model (default: the embedded SmolLM2-135M-Instruct) 
 CPU (named, with its bf16 support):
   * generation tokens/s of plain transformers ``generate`` in fp32 and in bf16 (its best setting is
     the faster of the two), beside the studio in the precision it picks itself: the base model with
-    the adapters attached but off, a second copy that never had any, merged, one adapter unmerged
-    and a 3-adapter mix; then the targets: base and merged >= 1.5x plain transformers at its best
-    on a CPU with native bf16 (no slower than plain fp32 without it), merged within 3 % of the
-    never-adapted base, one unmerged adapter >= 85 % of merged;
+    the adapters attached but off, a second copy that never had any (and a third, the control:
+    two identical copies differ only by the machine's noise and where their weights lie in memory),
+    merged, one adapter unmerged and a 3-adapter mix; then the targets: base and merged >= 1.5x
+    plain transformers at its best on a CPU with native bf16 (no slower than plain fp32 without
+    it), merged within 3 % of the never-adapted base (printed beside the control's gap), one
+    unmerged adapter >= 85 % of merged;
   * the time of a 300-token prompt's pass, plain fp32, plain bf16 and the studio's (on a CPU without
     native bf16, bf16 prompt passes are emulated and slow: the studio holds bf16 weights there but
     computes prompts in fp32);
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
     print(f"model {args.model} ({type(base.model).__name__}, {params:.0f}M params), loaded in "
           f"{time.perf_counter() - start:.1f} s; the studio generates in {precision.label} ({precision.reason})")
     plain = InferenceEngine(device="cpu").base(args.model)  # never gets adapters: the "no LoRA wrappers" reference
+    control = InferenceEngine(device="cpu").base(args.model)  # a second such copy: what "the same model" varies by
     path = resolve_model_path(args.model)
     reference = {name: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
                  for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
@@ -144,6 +147,7 @@ def main(argv=None) -> int:
     config = settings.generation_config(base.eos_token_ids, base.tokenizer.pad_token_id)
     rows = {f"plain transformers generate, {name}": plain_run(model, ids, config) for name, model in reference.items()}
     rows |= {"studio, base (no adapter ever attached)": studio_run(plain, Mode.base(), settings),
+             "studio, base (no adapter ever attached), control copy": studio_run(control, Mode.base(), settings),
              "studio, base (adapters attached, off)": studio_run(base, Mode.base(), settings),
              "studio, merged (1 adapter)": studio_run(base, Mode.of(names[0], merged=True), settings),
              "studio, 1 adapter, unmerged": studio_run(base, Mode.of(names[0]), settings),
@@ -154,6 +158,7 @@ def main(argv=None) -> int:
     for mode in (Mode.base(), Mode.of(names[0], merged=True), Mode.of(names[0]), Mode.of(names)):
         base.generate(PROMPT, settings=warm, mode=mode)
     plain.generate(PROMPT, settings=warm)
+    control.generate(PROMPT, settings=warm)
     runs: dict[str, list[float]] = {label: [] for label in rows}
     for _ in range(args.repeats):  # interleaved, so a slow moment of the machine hits every row alike
         for label, run in rows.items():
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
     print(f"\ngeneration, {args.tokens} new tokens, greedy, median of {args.repeats} (min-max), "
           f"prompt {ids['input_ids'].shape[1]} tokens:")
     for label, speed in speeds.items():
-        print(f"  {label:52s} {speed:6.1f} tokens/s  ({min(runs[label]):5.1f}-{max(runs[label]):5.1f})  "
+        print(f"  {label:65s} {speed:6.1f} tokens/s  ({min(runs[label]):5.1f}-{max(runs[label]):5.1f})  "
               f"{speed / speeds[best_plain]:5.2f}x plain at its best")
 
     studio = {kind: speeds[f"studio, {kind}"] for kind in
@@ -178,7 +183,9 @@ def main(argv=None) -> int:
         ratio = studio[kind] / reference_speed
         print(f"  studio {kind} vs {against}: {ratio:.2f}x   [>= {goal:.1f}x: {verdict(ratio >= goal)}]")
     merged_gap = studio["merged (1 adapter)"] / studio["base (no adapter ever attached)"] - 1
-    print(f"  merged vs never-adapted base: {merged_gap:+.1%}   [within 3 %: {verdict(abs(merged_gap) <= 0.03)}]")
+    control_gap = speeds["studio, base (no adapter ever attached), control copy"] / studio["base (no adapter ever attached)"] - 1
+    print(f"  merged vs never-adapted base: {merged_gap:+.1%}   [within 3 %: {verdict(abs(merged_gap) <= 0.03)}]"
+          f"   (control: an identical never-adapted copy {control_gap:+.1%})")
     share = studio["1 adapter, unmerged"] / studio["merged (1 adapter)"]
     print(f"  1 adapter unmerged vs merged: {share:.1%}   [>= 85 %: {verdict(share >= 0.85)}]")
 

@@ -14,7 +14,8 @@ process so its peak RSS is its own:
     qlora   the same with the base quantized to 4 bits (NF4)
 
 Printed per side: useful tokens/s (non-padding tokens that carry a label, per second of the training
-loop), peak RSS, final loss, and the ratios to the peer. The first line names the CPU and its bf16.
+loop), peak RSS, the mean training loss over the epoch (the mean of the steps' losses, as the Trainer
+reports it), and the ratios to the peer. The first line names the CPU and its bf16.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def run_ours(args) -> dict:
                              lr=2e-4, scheduler="cosine", warmup=0, seed=0, precision=args.precision,
                              gradient_checkpointing=args.gradient_checkpointing,
                              quantization="4bit" if args.side == "qlora" else "none")
-        summary = train(config, Callbacks(log=lambda text: None)).summary
+        losses = []
+        summary = train(config, Callbacks(log=lambda text: None,
+                                          on_log=lambda step, values: losses.append(values["loss"]))).summary
     return dict(useful_tokens_per_second=summary["useful_tokens_per_second"], train_tokens=summary["train_tokens"],
                 seconds=summary["wall_seconds"], peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                final_loss=summary["final_loss"], precision=summary["precision"])
+                mean_loss=sum(losses) / len(losses), precision=summary["precision"])
 
 
 def run_peer(args) -> dict:
@@ -97,7 +100,7 @@ def run_peer(args) -> dict:
     seconds = timing["end"] - timing["start"]
     return dict(useful_tokens_per_second=counted["tokens"] / seconds, train_tokens=counted["tokens"], seconds=seconds,
                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                final_loss=result.training_loss, precision=args.precision)
+                mean_loss=result.training_loss, precision=args.precision)
 
 
 def side(name: str, args) -> dict:
@@ -153,7 +156,7 @@ def main() -> None:
         speed, rss = r["useful_tokens_per_second"], r["peak_rss_bytes"]
         print(f"{name:5s} {r['precision']:5s} useful tokens/s {speed:7.1f} ({speed / peer['useful_tokens_per_second']:.2f}x)"
               f"  peak RSS {rss / 2**30:5.2f} GiB ({rss / peer['peak_rss_bytes']:.2f}x)"
-              f"  final loss {r['final_loss']:.3f}  ({r['train_tokens']} tokens in {r['seconds']:.1f} s)")
+              f"  mean loss {r['mean_loss']:.3f}  ({r['train_tokens']} tokens in {r['seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

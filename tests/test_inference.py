@@ -275,6 +275,23 @@ def test_chat_template_history_system_and_raw(base):
                                              ["input_ids"][0])
 
 
+def test_wrappers_with_nothing_to_add_step_aside_while_generating(base, assets):
+    """Merged, or the base: while a reply is generated the model holds no LoRA wrapper at all (it runs
+    as one that never had adapters); unmerged, they stay. Every wrapper is back once the reply ends,
+    however it ends."""
+    a = base.load_adapter(assets["a"])
+    wrappers = lora_layers(base.model)
+    for mode, kept in ((Mode.of(a, merged=True), set()), (Mode.base(), set()), (Mode.of(a), set(wrappers))):
+        stream = base.stream("hello", settings=GREEDY.with_(max_new_tokens=50), mode=mode)
+        next(iter(stream))
+        assert set(lora_layers(base.model)) == kept, mode.label
+        stream.close()
+        assert lora_layers(base.model) == wrappers  # the same wrapper objects, in the same places
+    expected = text(base, a, merged=True)
+    assert [c.generation.text for c in base.iter_compare("hello", [a], merged=True, settings=GREEDY)][1] == expected
+    assert lora_layers(base.model) == wrappers
+
+
 def test_closing_a_stream_frees_the_model(base):
     stream = base.stream("hello", settings=GREEDY.with_(max_new_tokens=100))
     next(iter(stream))

@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import tiny_model
 from lora_app.lora import (VARIANTS, AdapterLoadError, DeltaLoraUpdater, LoraConfig, LoraConfigError, LoraLayer,
-                           TargetError, adapter_modules, add_adapter, count_parameters, export_merged, load_adapter,
+                           TargetError, adapter_modules, add_adapter, bypass_idle, count_parameters, export_merged, load_adapter,
                            lora_layers, merge_adapters, pack_adapters, param_groups, remove_adapter, resolve_targets, save_adapter,
                            set_active_adapters, set_trainable, unmerge_adapters)
 
@@ -386,3 +386,30 @@ def test_dropout_drops_p_of_the_input_and_scales_the_rest(shape):
     assert abs(draws.mean().item() - 0.25) < 0.005
     assert not torch.equal(dropout(x), dropout(x))  # a new mask every call
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_idle_wrappers_step_aside_and_come_back(input_ids):
+    """bypass_idle puts back the original layer wherever a wrapper has nothing to add: the model then
+    computes the same logits without the wrappers' calls; the restore puts the same wrappers back."""
+    model = tiny_model("llama")
+    add_adapter(model, LoraConfig(rank=4, alpha=8, targets="q_proj"), "q")
+    add_adapter(model, LoraConfig(rank=4, alpha=8, targets="all-linear"), "all")
+    randomize(model, "q")
+    randomize(model, "all", seed=1)
+    wrappers = lora_layers(model)
+    q_paths = {path for path, layer in wrappers.items() if "q" in layer.adapters}
+    set_active_adapters(model, "q")
+    expected = logits(model, input_ids)
+    restore = bypass_idle(model)
+    assert set(lora_layers(model)) == q_paths  # only the layers "q" acts on keep a wrapper
+    torch.testing.assert_close(logits(model, input_ids), expected, rtol=0, atol=0)
+    restore()
+    assert lora_layers(model) == wrappers
+    set_active_adapters(model, "all")
+    merge_adapters(model)
+    expected = logits(model, input_ids)
+    restore = bypass_idle(model, wrappers)
+    assert lora_layers(model) == {} and type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(logits(model, input_ids), expected, rtol=0, atol=0)
+    restore()
+    assert lora_layers(model) == wrappers

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,8 @@ from lora_app.inference.prompts import encode_prompt
 from lora_app.inference.settings import GenerationSettings
 from lora_app.inference.sources import adapter_name_for, resolve_source
 from lora_app.inference.streaming import Generation, GenerationStream
-from lora_app.lora import is_merged, merge_adapters, pack_adapters, set_active_adapters, unmerge_adapters
+from lora_app.lora import (bypass_idle, is_merged, merge_adapters, pack_adapters, set_active_adapters,
+                           unmerge_adapters)
 from lora_app.models import eos_token_ids
 
 
@@ -56,7 +57,7 @@ class LoadedBase:
         self.unzip_root = Path(unzip_root)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._mode = Mode.base()
-        self._packed = False  # see _locked_pack
+        self._packed = False  # see _locked_ready
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ state
@@ -146,13 +147,16 @@ class LoadedBase:
             merge_adapters(self.model, layers=self.cache.layers())
         self._mode, self._packed = mode, False
 
-    def _locked_pack(self) -> None:
-        """Before generating unmerged: each layer's adapters as one low-rank pair (``LoraLayer.pack``),
-        so one adapter costs a few percent of a token and a mix little more. Done here, once per mode,
-        not when switching: it takes tens of milliseconds and a switch should take one."""
+    def _locked_ready(self) -> Callable[[], None]:
+        """Before generating. Unmerged: each layer's adapters as one low-rank pair (``LoraLayer.pack``),
+        so one adapter costs a few percent of a token and a mix little more; done here, once per mode,
+        not when switching: it takes tens of milliseconds and a switch should take one. Merged, or
+        the base: the wrappers step aside (``bypass_idle``), so the model runs as one that never had
+        adapters. Returns what puts them back, to be called before the lock is released."""
         if not self._packed and not self._mode.merged and self._mode.adapters:
             pack_adapters(self.model, layers=self.cache.layers())
         self._packed = True
+        return bypass_idle(self.model, self.cache.layers_by_path())
 
     @contextmanager
     def _locked_unmerged(self):
@@ -182,20 +186,24 @@ class LoadedBase:
         settings = settings or GenerationSettings()
         target = None if mode is ... else Mode.of(mode, merged)
         encode_prompt(self.tokenizer, prompt, history=history, system=system, raw=raw)  # fail fast
-        acquired = []
+        acquired, restore = [], []
 
         def before() -> str:
             self._lock.acquire()
             acquired.append(True)
             if target is not None:
                 self._locked_switch(target)
-            self._locked_pack()
+            restore.append(self._locked_ready())
             return self._mode.label
 
         def after() -> None:
             if acquired:
                 acquired.clear()
-                self._lock.release()
+                try:
+                    while restore:
+                        restore.pop()()
+                finally:
+                    self._lock.release()
 
         return self._stream(prompt, history, system, raw, settings, before, after)
 
@@ -230,8 +238,11 @@ class LoadedBase:
                 try:
                     for mode in modes:
                         self._locked_switch(mode)
-                        self._locked_pack()
-                        generation = self._stream(prompt, history, system, raw, settings).finish()
+                        restore = self._locked_ready()
+                        try:
+                            generation = self._stream(prompt, history, system, raw, settings).finish()
+                        finally:
+                            restore()
                         yield ComparisonResult(mode.label, mode, generation)
                 finally:
                     self._locked_switch(previous)

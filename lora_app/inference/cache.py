@@ -67,15 +67,18 @@ class AdapterCache:
         self.model = model
         self.budget_bytes = int(budget_bytes)
         self._entries: OrderedDict[str, AdapterInfo] = OrderedDict()  # least recently used first
-        self._layers: list[LoraLayer] | None = None
+        self._layers: dict[str, LoraLayer] | None = None
+
+    def layers_by_path(self) -> dict[str, LoraLayer]:
+        """The model's LoRA wrappers by path. Walking the model to find them costs milliseconds
+        (thousands of modules once a few adapters are attached) and they only change when an adapter
+        is attached or detached, so they are kept and found again after such a change."""
+        if self._layers is None:
+            self._layers = lora_layers(self.model)
+        return self._layers
 
     def layers(self) -> list[LoraLayer]:
-        """The model's LoRA wrappers. Walking the model to find them costs milliseconds (thousands of
-        modules once a few adapters are attached) and they only change when an adapter is attached or
-        detached, so the list is kept and rebuilt after such a change."""
-        if self._layers is None:
-            self._layers = list(lora_layers(self.model).values())
-        return self._layers
+        return list(self.layers_by_path().values())
 
     # ------------------------------------------------------------------------------------ queries
     def info(self) -> list[AdapterInfo]:

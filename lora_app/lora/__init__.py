@@ -18,9 +18,9 @@ __getattr__, __all__ = exports(__name__, {
     "io": ("AdapterLoadError", "adapter_state", "export_merged", "load_adapter", "merged_state_dict", "read_adapter",
            "save_adapter"),
     "layer": ("LoraLayer",),
-    "model": ("adapter_config", "adapter_modules", "adapter_names", "add_adapter", "count_parameters", "is_merged",
-              "lora_layers", "merge_adapters", "pack_adapters", "remove_adapter", "set_active_adapters", "set_trainable",
-              "unmerge_adapters"),
+    "model": ("adapter_config", "adapter_modules", "adapter_names", "add_adapter", "bypass_idle", "count_parameters",
+              "is_merged", "lora_layers", "merge_adapters", "pack_adapters", "remove_adapter", "set_active_adapters",
+              "set_trainable", "unmerge_adapters"),
     "optim": ("param_groups",),
     "targets": ("DEFAULT_TARGETS", "TargetError", "find_linear_modules", "resolve_targets"),
 })

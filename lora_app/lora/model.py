@@ -12,7 +12,7 @@ attached or detached.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -159,6 +159,29 @@ def pack_adapters(model: nn.Module, layers: Iterable[LoraLayer] | None = None) -
     change in between (the inference engine never trains)."""
     for layer in _layers(model, layers):
         layer.pack()
+
+
+def bypass_idle(model: nn.Module, layers: dict[str, LoraLayer] | None = None) -> Callable[[], None]:
+    """For inference: every wrapper with nothing to add (merged, or no adapter active) is replaced in
+    its parent by the layer it wraps, so the model runs exactly as one that never had adapters (a
+    wrapper's call costs about 3 us, 1-2 % of a small model's token on a CPU). ``layers``: the
+    wrappers by path (default: found by walking the model). Returns the function that puts them
+    back; until it is called, code that looks for wrappers (attaching, removing, saving, merging
+    through the model) must not run, so call both under the same lock."""
+    swapped = []
+    for path, layer in (lora_layers(model) if layers is None else layers).items():
+        if layer.merged is not None or not layer.active:
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, layer.base_layer)
+            swapped.append((parent, child, layer))
+
+    def restore() -> None:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
+        swapped.clear()
+
+    return restore
 
 
 def merge_adapters(model: nn.Module, layers: Iterable[LoraLayer] | None = None) -> None:
