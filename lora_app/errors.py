@@ -32,7 +32,7 @@ class LoraConfigError(SettingsError):
 class TrainConfigError(SettingsError):
     """A training run's settings (``training.TrainConfig``) are invalid."""
 
-    heading = "Cannot start training"
+    heading = "Invalid training settings"
 
 
 class DataError(UserError):

@@ -100,7 +100,7 @@ def test_problems_are_keyed_by_setting():
     assert set(problems) == {"data", "output", "rank", "dropout", "quantization"}  # epochs unused with max_steps
     with pytest.raises(TrainConfigError) as err:
         TrainConfig(data="d", output="o", rank=0).validate()
-    assert list(err.value.problems) == ["rank"] and str(err.value).startswith("Cannot start training:")
+    assert list(err.value.problems) == ["rank"] and str(err.value).startswith("Invalid training settings:")
 
 
 def test_preflight_reports_settings_and_model_limits_together(tiny_llama, tmp_path):
@@ -491,6 +491,25 @@ def test_an_out_of_memory_step_is_computed_again_in_smaller_micro_batches(tiny_l
     assert [step for step, _ in events] == [3] and "micro-batches of 4 examples cut to 2" in events[0][1]
     losses = [values["loss"] for _, values in logged if "loss" in values]
     assert losses == pytest.approx([values["loss"] for _, values in plain if "loss" in values], rel=1e-5)
+
+
+def test_a_resumed_run_keeps_the_micro_batches_memory_allowed(tiny_llama, qa_data, tmp_path, monkeypatch):
+    """Cut to 2 examples per micro-batch at step 2, cancelled after step 3: the resumed run goes on at
+    2, rather than running out of memory again at the full 4."""
+    from lora_app.training import trainer
+
+    monkeypatch.setenv(trainer.FAULT_ENV, "2")
+    steps = []
+    first, _ = quiet(should_stop=lambda: len(steps) >= 3)
+    first.on_log = lambda step, values: steps.append(step)
+    settings = dict(max_steps=6, save_every=3)
+    assert train(config_for(tiny_llama, qa_data, tmp_path / "run", **settings), first).status == "cancelled"
+    monkeypatch.delenv(trainer.FAULT_ENV)
+    lines = []
+    second = Callbacks(log=lines.append)
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "run", resume=True, **settings), second)
+    assert outcome.status == "completed" and outcome.summary["micro_batch"] == 2
+    assert any("micro-batches of 2 examples, as the run cut them" in line for line in lines)
 
 
 def test_a_recovered_run_records_the_event_where_the_studio_shows_it(tiny_llama, qa_data, tmp_path, monkeypatch):

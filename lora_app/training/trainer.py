@@ -209,6 +209,10 @@ class Recipe:
             state = load_checkpoint(self.checkpoint, self.optimizer, self.scheduler)
             self.step, self.train_tokens, self.elapsed_before = state["step"], state["train_tokens"], state["wall_seconds"]
             self.cb.log(f"resumed from {self.checkpoint.name} at step {self.step}")
+            if state.get("micro_size", self.plan.micro_size) < self.plan.micro_size:  # memory ran out before
+                self.plan.micro_size, self.plan.token_budget = state["micro_size"], state["token_budget"]
+                self.cb.log(f"micro-batches of {self.plan.micro_size} examples, as the run cut them when memory "
+                            "ran out")
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup_data(self) -> None:
@@ -489,7 +493,9 @@ class Recipe:
         if self.main:
             save_checkpoint(self.output / "checkpoints" / f"checkpoint-{self.step}", self.model, ADAPTER,
                             self.optimizer, self.scheduler,
-                            dict(step=self.step, train_tokens=self.train_tokens, wall_seconds=wall), self.prompt_format)
+                            dict(step=self.step, train_tokens=self.train_tokens, wall_seconds=wall,
+                                 micro_size=self.plan.micro_size, token_budget=self.plan.token_budget),
+                            self.prompt_format)
 
     def _finish(self, status: str) -> Outcome:
         """Final evaluation and adapter (when completed), and the summary."""
