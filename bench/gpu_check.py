@@ -22,9 +22,15 @@ dropout 0.05, all linear layers), AdamW at 2e-4 with a cosine schedule, batch si
     studio         ``lora_app.training.train`` with its defaults (precision auto)
 
 Measured per side, each in a process of its own: useful tokens/s (labelled tokens per second over the
-steps after the warm-up), the process's peak ``torch.cuda`` memory (its peak RSS on a CPU), the final
-loss, each step's seconds (in the JSON), and for the studio its memory estimate. Sides past ``--budget``
+steps after the warm-up), the process's peak ``torch.cuda`` memory (its peak RSS on a CPU), the mean
+loss over all steps (both sides train on the same rows, one epoch, in different orders: the studio
+groups rows by length, so one step's loss or the last few steps' compare batches, not recipes), each
+step's seconds (in the JSON), and for the studio its memory estimate. Sides past ``--budget``
 seconds are skipped, so a slow machine still gets its table.
+
+On a machine without network whose Python has torch, accelerate, safetensors, tokenizers and pandas,
+the rest travels as wheels of our pins, installed with ``pip install --no-deps``: transformers, peft,
+bitsandbytes, and gguf (the inference package reads GGUF files, so the generation check imports it).
 
 Checks on the same device: merged vs unmerged greedy generation (bf16 and fp32), adapter switch time,
 generation tokens/s (plain transformers ``generate``, the studio's base, merged, one adapter, a
@@ -124,8 +130,9 @@ def train_studio(spec: dict) -> dict:
                              quantization=MODES[spec["mode"]], gradient_checkpointing=spec["gradient_checkpointing"],
                              **LORA)
         summary = train(config, Callbacks(on_log=on_log, log=lambda text: None)).summary
-    (t0, tokens0, _), (t1, tokens1, loss) = marks[spec["warmup"]], marks[max(marks)]
-    return dict(tokens_per_s=(tokens1 - tokens0) / (t1 - t0), peak_bytes=peak_memory(), final_loss=loss,
+    (t0, tokens0, _), (t1, tokens1, _) = marks[spec["warmup"]], marks[max(marks)]
+    return dict(tokens_per_s=(tokens1 - tokens0) / (t1 - t0), peak_bytes=peak_memory(),
+                mean_loss=statistics.fmean(loss for _, _, loss in marks.values()),
                 step_seconds=step_seconds([marks[step][0] for step in sorted(marks)]),
                 estimate_bytes=summary["memory_estimate_bytes"], precision=summary["precision"],
                 device=summary["device"])
@@ -184,9 +191,10 @@ def train_peer(spec: dict) -> dict:
             gradient_checkpointing_kwargs={"use_reentrant": False})  # as the studio: LoRA's inputs need no grad
         trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collator, callbacks=[Clock()])
         trainer.train()
+    # each logged loss is the mean of an equal window of steps, so their mean is the run's
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     tokens = sum(batch_tokens[spec["warmup"]:total])
-    return dict(tokens_per_s=tokens / (marks["end"] - marks["start"]), peak_bytes=peak_memory(), final_loss=losses[-1],
+    return dict(tokens_per_s=tokens / (marks["end"] - marks["start"]), peak_bytes=peak_memory(), mean_loss=statistics.fmean(losses),
                 step_seconds=step_seconds([marks[step] for step in range(1, total + 1)]),
                 precision="bf16" if bf16 else "fp32", device=str(model.device))
 
@@ -334,7 +342,7 @@ def training_table(results: list[dict]) -> list[str]:
             if peer and r is not peer else f"{'':6} {'':7}"
         estimate = f"{r['estimate_bytes'] / GIB:6.2f} ({r['estimate_bytes'] / r['peak_bytes'] - 1:+.0%})" \
             if "estimate_bytes" in r else ""
-        lines.append(f"{head} {r['tokens_per_s']:9.0f} {r['peak_bytes'] / GIB:9.2f} {r['final_loss']:7.3f} "
+        lines.append(f"{head} {r['tokens_per_s']:9.0f} {r['peak_bytes'] / GIB:9.2f} {r['mean_loss']:7.3f} "
                      f"{ratio} {estimate:>13}")
     return lines
 

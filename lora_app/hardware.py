@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import platform
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BF16_CPU_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}  # /proc/cpuinfo flag -> its name
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,3 +104,14 @@ def generation_precision(device_type: str) -> Precision:
         return Precision("bf16", "this CPU has no native bf16: bf16 weights make each token read half the "
                                  "bytes, and prompts are computed in fp32", fp32_prompts=True)
     return chosen
+
+
+def attention_kernels(device_type: str):
+    """The context a forward pass runs in, in training and generation: on a GPU, attention by the
+    flash or memory-efficient kernels, never cuDNN's. cuDNN's attention builds an execution plan for
+    every new sequence length; batches grouped by length have a new one almost every step (and each
+    generated token a new key length), and its calls took 30 ms of CPU each on average, most of a
+    training step (H200, Llama-3.2-1B's shape, batch 8)."""
+    if device_type != "cuda":
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from conftest import tiny_model
-from lora_app.lora import (VARIANTS, AdapterLoadError, DeltaLoraUpdater, LoraConfig, LoraConfigError, LoraLayer,
+from lora_app.lora import (VARIANTS, AdapterLoadError, DeltaLoraUpdater, LoraAdapter, LoraConfig, LoraConfigError, LoraLayer,
                            TargetError, adapter_modules, add_adapter, bypass_idle, count_parameters, export_merged, load_adapter,
                            lora_layers, merge_adapters, pack_adapters, param_groups, remove_adapter, resolve_targets, save_adapter,
                            set_active_adapters, set_trainable, unmerge_adapters)
+from lora_app.lora.functional import dropout, lora_forward
 
 
 def randomize(model, name, scale=0.2, seed=0):
@@ -386,6 +387,58 @@ def test_dropout_drops_p_of_the_input_and_scales_the_rest(shape):
     assert abs(draws.mean().item() - 0.25) < 0.005
     assert not torch.equal(dropout(x), dropout(x))  # a new mask every call
     assert torch.equal(dropout.eval()(x), x)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_the_lora_node_has_the_gradients_of_the_plain_expression(p, x_grad):
+    """LoraFunction against autograd through ``base + s * B A dropout(x)``, with the same mask (the
+    CPU draws it from torch's generator, so reseeding repeats it); and A's and B's gradients when
+    only some inputs need one (LoRA-FA's frozen A, a first layer's input)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=x_grad)
+    base = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 7, dtype=torch.float64)
+    torch.manual_seed(1)
+    out = lora_forward(base, x, a, b, 0.5, p)
+    grads = torch.autograd.grad(out, [t for t in (base, x, a, b) if t.requires_grad], g)
+    torch.manual_seed(1)
+    dropped = dropout(x.reshape(-1, 12), p)[0].view(x.shape) if p else x
+    expected = base + (dropped @ a.T * 0.5) @ b.T
+    want = torch.autograd.grad(expected, [t for t in (base, x, a, b) if t.requires_grad], g)
+    assert torch.allclose(out, expected)
+    for got, ref in zip(grads, want):
+        assert torch.allclose(got, ref)
+    frozen_a = a.detach()
+    out = lora_forward(base, x, frozen_a, b, 0.5, p)
+    assert torch.autograd.grad(out, b, g)[0].shape == b.shape
+
+
+def test_a_bf16_layer_keeps_its_input_once_not_a_copy_per_adapter():
+    """Under bf16 autocast with fp32 adapters, q, k and v of one input keep that input (shared) and
+    their masks, not an fp32 copy each: what made adapter activations most of a step's memory."""
+    torch.manual_seed(0)
+    layers = [LoraLayer(nn.Linear(64, 64, bias=False).to(torch.bfloat16)) for _ in range(3)]
+    for layer in layers:
+        layer.adapters["a"] = LoraAdapter(64, 64, LoraConfig(rank=4, alpha=8, dropout=0.1))
+        layer.active = {"a": 1.0}
+        layer.train()
+    x = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        sum(layer(x).float().sum() for layer in layers).backward()
+    # x once (bf16), a one-byte mask each, and what is small or kept anyway: the base weights (bf16,
+    # for x's gradient), h (256 x r, bf16) and the fp32 factors A and B
+    expected = x.numel() * 2 + 3 * (x.numel() + 64 * 64 * 2 + 256 * 4 * 2 + 2 * 4 * 64 * 4)
+    assert sum(kept.values()) <= expected
+    assert x.grad is not None and all(layer.adapters["a"].lora_A.weight.grad is not None for layer in layers)
 
 
 def test_idle_wrappers_step_aside_and_come_back(input_ids):

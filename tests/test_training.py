@@ -207,6 +207,56 @@ def test_fused_loss_matches_full_logits_in_value_and_gradient():
     assert torch.allclose(fused_grad, hidden.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_fused_norms_and_mlps_give_the_same_model_in_value_and_gradient(kind):
+    """fuse() swaps the one-node RMSNorm and gated MLP in where they compute exactly what the module
+    does (Llama, Qwen2: every norm and MLP; GPT-2 has neither), and the model's loss and every
+    gradient stay those of transformers' own modules."""
+    from lora_app.training.fused import fuse
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(model):
+        for p in model.parameters():
+            p.grad = None
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model = tiny_model(kind)
+    before = loss_and_grads(model)
+    swapped = fuse(model)
+    layers = model.config.num_hidden_layers if kind != "gpt2" else 0
+    assert swapped == {"rms_norm": 2 * layers + (1 if layers else 0), "gated_mlp": layers}
+    after = loss_and_grads(model)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.allclose(before[name], after[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_nodes_have_the_gradients_of_the_modules_they_replace(dtype):
+    from lora_app.training.fused import RMSNormFunction, SiluMulFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(16, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 16, dtype=dtype)
+    xf = x.float()
+    reference = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)  # transformers' norm
+    fused = RMSNormFunction.apply(x, w, 1e-5)
+    assert torch.equal(fused, reference)
+    for got, want in zip(torch.autograd.grad(fused, (x, w), g), torch.autograd.grad(reference, (x, w), g)):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    a, b = (torch.randn(3, 7, dtype=dtype, requires_grad=True) for _ in range(2))
+    g = torch.randn(3, 7, dtype=dtype)
+    reference = torch.nn.functional.silu(a) * b
+    fused = SiluMulFunction.apply(a, b)
+    assert torch.equal(fused, reference)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2  # ours computes its backward in fp32, autograd's rounds silu(a)
+    for got, want in zip(torch.autograd.grad(fused, (a, b), g), torch.autograd.grad(reference, (a, b), g)):
+        assert torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
 # ---- batching ---------------------------------------------------------------------------------
 def test_batches_cover_every_example_once_and_are_deterministic():
     lengths = [(i * 37) % 101 + 1 for i in range(230)]

@@ -27,6 +27,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from lora_app.hardware import attention_kernels
 from lora_app.inference.settings import GenerationSettings
 
 
@@ -99,7 +100,8 @@ class TokenLoop:
     @torch.inference_mode()
     def _next(self, ids: torch.Tensor, cache, processors, generator, all_ids: torch.Tensor) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if self._keep_one else {}
-        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits
+        with attention_kernels(ids.device.type):  # every token has a new key length
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits
         scores = processors(all_ids, logits[:, -1].to(dtype=torch.float32, copy=True))
         if self.settings.greedy:
             return scores.argmax(dim=-1)

@@ -16,29 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_app.lora.config import LoraConfig
+from lora_app.lora.functional import dropout, lora_forward
 from lora_app.lora.quant import dequantized_weight
 
 
 
 class Dropout(nn.Dropout):
-    """Inverted dropout, ``x * keep / (1 - p)``, with the mask drawn as 15-bit integers.
-
-    Each adapter drops its input, seven times per transformer layer. On a CPU, torch's own dropout
-    (``bernoulli_``) spends more time drawing the mask than the adapter spends on its matmuls. Here
-    one 64-bit draw gives four elements' 15 bits (its four 16-bit pieces, the sign bit cleared):
-    the mask costs 2.3x less than one 16-bit draw per element, and the whole dropout about half of
-    ``nn.Dropout`` (2-core AVX2 EPYC). ``p`` is rounded to a multiple of 1/32768 (0.05 -> 0.050018).
-    Autograd keeps the boolean mask (1 byte per element), as ``nn.Dropout`` does.
-    """
+    """``nn.Dropout`` with the mask drawn as ``functional.dropout`` draws it (much cheaper on a CPU).
+    Autograd keeps the boolean mask (1 byte per element), as ``nn.Dropout`` does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        threshold = round(self.p * 32768)
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
-        keep = (bits.bitwise_and_(0x7FFF) >= threshold).view(x.shape)
-        return (x * keep).mul_(32768 / (32768 - threshold))
+        return dropout(x, self.p)[0] if self.training and self.p > 0 else x
 
 
 class Adapter(nn.Module):
@@ -46,6 +34,12 @@ class Adapter(nn.Module):
 
     def saved_params(self) -> dict[str, nn.Parameter]:
         raise NotImplementedError
+
+    def add_to(self, result: torch.Tensor, x: torch.Tensor, weight: float, base_out: torch.Tensor | None,
+               layer) -> torch.Tensor:
+        """``result + weight * forward(x)``, in ``result``'s dtype."""
+        delta = self(x.to(next(self.parameters()).dtype), base_out, layer)
+        return result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A, B)`` with ``forward`` exactly ``B (A x)`` outside training, or None where the
@@ -83,6 +77,11 @@ class LoraAdapter(Adapter):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
         # scaling applied on the r-wide intermediate: the same product, r/out of the elementwise work
         return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
+
+    def add_to(self, result, x, weight, base_out, layer):
+        # one autograd node instead of eight, no copy of x kept (functional.py)
+        return lora_forward(result, x, self.lora_A.weight, self.lora_B.weight, weight * self.scaling,
+                            self.dropout.p if self.training and isinstance(self.dropout, Dropout) else 0.0)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -146,6 +145,8 @@ class DoraAdapter(LoraAdapter):
     def _row_scale(self, base_weight: torch.Tensor) -> torch.Tensor:
         w = base_weight.to(self.lora_A.weight.dtype) + self.delta_weight()
         return self.lora_magnitude_vector / w.norm(dim=1).detach()
+
+    add_to = Adapter.add_to  # the row norm rescales the base output too: not plain LoRA's node
 
     def forward(self, x, base_out, layer):
         base_weight = dequantized_weight(layer.base_layer)

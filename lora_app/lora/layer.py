@@ -46,12 +46,10 @@ class LoraLayer(nn.Module):
         base_result, base_out = result, None
         for name, w in self.active.items():
             adapter = self.adapters[name]
-            dtype = next(adapter.parameters()).dtype
             if getattr(adapter, "lora_magnitude_vector", None) is not None and base_out is None:
                 bias = getattr(self.base_layer, "bias", None)  # DoRA rescales W0 x, without the bias
-                base_out = base_result if bias is None else base_result - bias
-            delta = adapter(x.to(dtype), None if base_out is None else base_out.to(dtype), self)
-            result = result + (delta if w == 1.0 else w * delta).to(result.dtype)
+                base_out = (base_result if bias is None else base_result - bias).to(adapter.lora_A.weight.dtype)
+            result = adapter.add_to(result, x, w, base_out, self)
         return result
 
     def pack(self) -> None:

@@ -5,9 +5,9 @@ The estimate adds up, for the chosen settings:
     weights      parameters x bytes per parameter (4 fp32, 2 bf16/fp16, ~1.03 int8, ~0.56 NF4)
     loading      a quantized base on a CPU: the full-precision copy it was quantized from
     adapter      trainable parameters x 4 bytes, their gradients (x 4) and AdamW's two moments (x 8)
-    activations  what autograd keeps per token and layer (about 16 hidden-size and 6 intermediate-size
-                 vectors; about four hidden-size vectors with gradient checkpointing, plus one layer in full)
-                 x batch x sequence length, plus one chunk of fp32 logits for the loss
+    activations  what autograd keeps per token and layer (about 7 hidden-size and 3 intermediate-size
+                 vectors and the dropout masks; about four hidden-size vectors with gradient checkpointing),
+                 plus one layer's backward, x batch x sequence length, plus one chunk of fp32 logits for the loss
     runtime      the framework itself (a measured constant)
 
 It is a planning figure, stored next to the measured peak so both can be compared in the UI.
@@ -82,11 +82,17 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
         budget = token_budget(config, device)
         if budget:  # micro-batches are cut to the token budget (see batches.StepPlan)
             tokens = min(tokens, max(budget, config.seq_len))
+    # What autograd keeps per token and layer, counted with saved-tensor hooks on Llama shapes (fused
+    # norms and MLP, one node per LoRA layer, see training/fused.py and lora/functional.py): about 7
+    # hidden-size and 3 intermediate-size vectors, plus a one-byte dropout mask per adapter input.
+    # The backward pass of one layer holds a few more at once.
+    kept = (7 * hidden + 3 * inter) * act_bytes + ((6 * hidden + inter) if lora.dropout > 0 else 0)
+    one_layer = kept + (8 * hidden + 4 * inter) * act_bytes
     if config.gradient_checkpointing:  # measured: about four hidden-size vectors per layer stay alive
-        per_token = 4 * hidden * layers + 16 * hidden + 6 * inter
+        per_token = 4 * hidden * act_bytes * layers + one_layer
     else:
-        per_token = (16 * hidden + 6 * inter) * layers
-    activations = tokens * per_token * act_bytes + min(tokens, LOSS_CHUNK) * vocab * 4 * 2
+        per_token = kept * layers + one_layer
+    activations = tokens * per_token + min(tokens, LOSS_CHUNK) * vocab * 4 * 2
     # A quantized base is loaded in full precision first; on a CPU the freed copy stays with the process
     # (measured: QLoRA peak RSS 2.6 GiB against 1.8 GiB without it, default model, batch 4, seq-len 256)
     loading = params * (2 if precision.name == "bf16" else 4) if config.quantization != "none" and device == "cpu" else 0

@@ -37,7 +37,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from lora_app.data import PreparedData, PromptFormat, collate, prepare_dataset
 from lora_app.data.errors import RowSkip
 from lora_app.errors import DataError, ModelLoadError, OutOfMemory, TrainConfigError, TrainingError
-from lora_app.hardware import choose_precision
+from lora_app.hardware import attention_kernels, choose_precision
 from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
     save_adapter, set_trainable
 from lora_app.model_source import base_model_id
@@ -46,6 +46,7 @@ from lora_app.paths import write_json
 from lora_app.training.batches import StepPlan
 from lora_app.training.checkpoint import load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig
+from lora_app.training.fused import fuse
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
 from lora_app.training.probes import input_texts, probes_for, token_f1
 from lora_app.training.schedule import multiplier
@@ -262,6 +263,8 @@ class Recipe:
                                    device=str(self.device), double_quant=c.double_quant,
                                    trust_remote_code=c.trust_remote_code)
         self.model.config.use_cache = False
+        fused = fuse(self.model)
+        self.cb.log(f"fused for training: {fused['rms_norm']} RMS norms, {fused['gated_mlp']} gated MLPs")
         self.checkpoint = latest_checkpoint(self.output) if c.resume else None
         if self.checkpoint is not None:
             load_adapter(self.model, self.checkpoint / "adapter", ADAPTER)
@@ -284,8 +287,9 @@ class Recipe:
 
     def _setup_optimizer(self) -> None:
         c = self.config
+        # on a GPU one fused kernel updates every adapter tensor (a step there is bound by kernel launches)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, ADAPTER, c.lr, c.lora_plus_ratio, c.weight_decay),
-                                           lr=c.lr)
+                                           lr=c.lr, fused=self.device.type == "cuda" or None)
         self.delta = DeltaLoraUpdater(self.model, ADAPTER, self.optimizer) if c.variant == "delta-lora" else None
         warmup = int(c.warmup) if c.warmup >= 1 else round(c.warmup * self.total_steps)
         self.scheduler = LambdaLR(self.optimizer, functools.partial(multiplier, c.scheduler, warmup=warmup,
@@ -375,7 +379,8 @@ class Recipe:
         for i, batch in enumerate(batches):
             self._make_room(batch["input_ids"].numel(), first=i == 0)
             sync = i == len(batches) - 1  # under DDP, gradients are averaged once per step
-            with (nullcontext() if sync else self.accelerator.no_sync(self.loss_model)), self.accelerator.autocast():
+            with (nullcontext() if sync else self.accelerator.no_sync(self.loss_model)), self.accelerator.autocast(), \
+                    attention_kernels(self.device.type):
                 loss_sum, _ = self.loss_model(**_to_device(batch, self.device))
                 loss = loss_sum / max(tokens, 1)
             self.accelerator.backward(loss)
@@ -436,7 +441,7 @@ class Recipe:
         self.cb.on_phase("evaluating", f"{len(self.data.val)} validation rows")
         self.loss_model.eval()
         total, count, size = 0.0, 0, self.config.batch_size
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.accelerator.autocast(), attention_kernels(self.device.type):
             for start in range(0, len(self.data.val), size):
                 batch = _to_device(collate(self.data.val[start:start + size], self.pad_id), self.device)
                 loss_sum, n = self.loss_model(**batch)

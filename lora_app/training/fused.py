@@ -1,0 +1,111 @@
+"""Two blocks of every Llama-style layer as one autograd node each, for training.
+
+Written with autograd's own ops, transformers' RMSNorm keeps an fp32 copy of its input (2 hidden-size
+vectors a token on a bf16 model) and its gated MLP keeps ``silu(gate)`` beside ``gate`` and ``up``
+(intermediate-size vectors); each op is also a node that autograd records and a GPU kernel that the
+CPU launches. Here
+
+    rms_norm(x)    keeps x and one fp32 number a row:  dx = r (dn - n mean(dn n)),  n = x r,  dn = g w
+    silu_mul(a, b) keeps a and b:                      da = g b s (1 + a (1 - s)),  db = g a s,  s = sigmoid(a)
+
+``fuse(model)`` swaps these in where a module computes exactly what they do, checked on a random
+input at swap time (Gemma's ``1 + weight`` norm, say, does not match and is left alone).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        normed = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        n = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        dn = (grad * weight).float()
+        grad_x = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class SiluMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return nn.functional.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        # in fp32, as torch's own silu backward computes: 1 - s in bf16 would lose most of its digits
+        a32, g32 = a.float(), grad.float()
+        s = torch.sigmoid(a32)
+        grad_b = (g32 * a32 * s).to(b.dtype)
+        grad_a = (g32 * b.float() * s * (1 + a32 * (1 - s))).to(a.dtype)
+        return grad_a, grad_b
+
+
+def _rms_norm_forward(self, hidden_states):
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _gated_mlp_forward(self, x):
+    return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _candidates(module: nn.Module):
+    """The fused forward that could stand in for ``module``'s, or None."""
+    if type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor) \
+            and isinstance(getattr(module, "variance_epsilon", None), float):
+        return _rms_norm_forward
+    act = getattr(module, "act_fn", None)
+    if all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj")) \
+            and type(act).__name__ in ("SiLU", "SiLUActivation"):
+        return _gated_mlp_forward
+    return None
+
+
+def fuse(model: nn.Module) -> dict[str, int]:
+    """Swap the fused forwards in wherever they compute exactly what the module computes; returns how
+    many modules of each kind were swapped ({"rms_norm": 33, "gated_mlp": 16}, say)."""
+    swapped = {"rms_norm": 0, "gated_mlp": 0}
+    checked: dict[type, bool] = {}  # one check per module class and shape is enough
+    for module in model.modules():
+        fused = _candidates(module)
+        if fused is None:
+            continue
+        key = (type(module), fused)
+        if key not in checked:
+            checked[key] = _same_output(module, fused)
+        if checked[key]:
+            module.forward = types.MethodType(fused, module)
+            swapped["rms_norm" if fused is _rms_norm_forward else "gated_mlp"] += 1
+    return swapped
+
+
+def _same_output(module: nn.Module, fused) -> bool:
+    weight = next(module.parameters())
+    width = module.weight.shape[-1] if fused is _rms_norm_forward else module.gate_proj.in_features
+    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    was_training = module.training
+    module.eval()  # no dropout: both forwards must see the same computation
+    try:
+        with torch.no_grad():
+            return torch.equal(module(x), fused(module, x))
+    except Exception:  # noqa: BLE001 - a module that does not fit the pattern keeps its own forward
+        return False
+    finally:
+        module.train(was_training)
