@@ -22,11 +22,11 @@ from lora_app.lora.quant import dequantized_weight
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the mask drawn as ``functional.dropout`` draws it (much cheaper on a CPU).
+    """``nn.Dropout`` with the mask drawn as ``functional.keep_mask`` draws it (much cheaper on a CPU).
     Autograd keeps the boolean mask (1 byte per element), as ``nn.Dropout`` does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p)[0] if self.training and self.p > 0 else x
+        return dropout(x, self.p) if self.training and self.p > 0 else x
 
 
 class Adapter(nn.Module):
@@ -36,8 +36,9 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def add_to(self, result: torch.Tensor, x: torch.Tensor, weight: float, base_out: torch.Tensor | None,
-               layer) -> torch.Tensor:
-        """``result + weight * forward(x)``, in ``result``'s dtype."""
+               layer, rebuild=None) -> torch.Tensor:
+        """``result + weight * forward(x)``, in ``result``'s dtype. ``rebuild``: see ``functional.lora_forward``
+        (a variant that does not use it keeps x)."""
         delta = self(x.to(next(self.parameters()).dtype), base_out, layer)
         return result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
 
@@ -78,10 +79,10 @@ class LoraAdapter(Adapter):
         # scaling applied on the r-wide intermediate: the same product, r/out of the elementwise work
         return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
 
-    def add_to(self, result, x, weight, base_out, layer):
+    def add_to(self, result, x, weight, base_out, layer, rebuild=None):
         # one autograd node instead of eight, no copy of x kept (functional.py)
         return lora_forward(result, x, self.lora_A.weight, self.lora_B.weight, weight * self.scaling,
-                            self.dropout.p if self.training and isinstance(self.dropout, Dropout) else 0.0)
+                            self.dropout.p if self.training and isinstance(self.dropout, Dropout) else 0.0, rebuild)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -5,8 +5,9 @@
 Written with autograd's own ops, one LoRA layer records about eight nodes (casts, dropout, two
 products, the scaling, the add) and keeps ``dropout(x)`` for A's gradient in the adapter's dtype:
 on a bf16 model, an fp32 copy of every layer input. Here it is one node that keeps the input as it
-came (the same tensor the other projections of that input keep), the dropout's boolean mask and the
-r-wide ``h = dropout(x) A^T s``; the backward pass rebuilds ``dropout(x)`` from them:
+came (the same tensor the other projections of that input keep), the random generator's state
+before the dropout mask was drawn (the backward pass draws the same mask again rather than keeping
+a byte per element) and the r-wide ``h = dropout(x) A^T s``:
 
     dB = g^T h        dh = g B s        dA = dh^T dropout(x)        dx = (dh A) * keep / (1 - p)
 
@@ -19,28 +20,47 @@ from __future__ import annotations
 
 import torch
 
-# Dropout's probability in steps of 1/32768: the CPU draws its mask as 15-bit integers (see dropout).
+# Dropout's probability in steps of 1/32768: the CPU draws its mask as 15-bit integers (see keep_mask).
 DROPOUT_STEPS = 32768
 
 
-def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Inverted dropout: ``(x * keep / (1 - p), keep, 1 / (1 - p))`` with ``keep`` a boolean mask that
-    keeps each element with probability 1 - p.
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A boolean mask of ``x``'s shape keeping each element with probability 1 - p, and the factor
+    1 / (1 - p) that keeps the expectation. It depends only on the shape and the generator's state,
+    so the same state draws the same mask again.
 
-    On a GPU one fused kernel does it all. On a CPU torch's own mask (``bernoulli_``) costs more than
-    an adapter's matmuls, so one 64-bit draw gives four elements' 15 bits (its four 16-bit pieces, the
-    sign bit cleared): 2.3x cheaper (2-core AVX2 EPYC), with p rounded to a multiple of 1/32768
-    (0.05 -> 0.050018).
+    On a CPU torch's ``bernoulli_`` costs more than an adapter's matmuls, so one 64-bit draw gives
+    four elements' 15 bits (its four 16-bit pieces, the sign bit cleared): 2.3x cheaper (2-core AVX2
+    EPYC), with p rounded to a multiple of 1/32768 (0.05 -> 0.050018).
     """
-    if x.device.type == "cuda":
-        dropped, keep = torch.native_dropout(x, p, True)
-        return dropped, keep, 1.0 / (1.0 - p)
+    if x.device.type != "cpu":
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p), 1.0 / (1.0 - p)
     threshold = round(p * DROPOUT_STEPS)
     n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
-    keep = (bits.bitwise_and_(0x7FFF) >= threshold).view(x.shape)
-    scale = DROPOUT_STEPS / (DROPOUT_STEPS - threshold)
-    return (x * keep).mul_(scale), keep, scale
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n]
+    return (bits.bitwise_and_(0x7FFF) >= threshold).view(x.shape), DROPOUT_STEPS / (DROPOUT_STEPS - threshold)
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout, ``x * keep / (1 - p)``, with ``keep_mask``'s mask."""
+    keep, scale = keep_mask(x, p)
+    return (x * keep).mul_(scale)
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator that draws on ``device``."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def redraw_mask(state: torch.Tensor, x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """``keep_mask(x, p)`` as it was drawn from ``state``; the generator's own state is left as it is."""
+    cuda = x.device.type == "cuda"
+    with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type=x.device.type):
+        if cuda:
+            torch.cuda.set_rng_state(state, x.device)
+        else:
+            torch.set_rng_state(state)
+        return keep_mask(x, p)
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -52,22 +72,28 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class LoraFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, base_out, x, lora_A, lora_B, scaling: float, p: float):
+    def forward(ctx, base_out, x, lora_A, lora_B, scaling: float, p: float, gate=None, up=None):
         dtype = compute_dtype(x, lora_A)
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        ctx.rng = rng_state(x.device) if p > 0 else None
+        dropped = dropout(x2, p) if p > 0 else x2
         a, b = lora_A.to(dtype), lora_B.to(dtype)
-        dropped, mask, keep_scale = (x2.to(dtype), None, 1.0) if p == 0 else dropout(x2.to(dtype), p)
         with torch.autocast(x.device.type, enabled=False):
             h = (dropped @ a.T).mul_(scaling)
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]).to(dtype), h, b.T)
-        ctx.save_for_backward(x, mask, h, lora_A, lora_B)
-        ctx.scaling, ctx.keep_scale, ctx.dtype, ctx.out_dtype = scaling, keep_scale, dtype, base_out.dtype
+        # x = silu(gate) * up can be computed again from tensors the MLP keeps anyway
+        ctx.save_for_backward(*((gate, up) if gate is not None else (x, None)), h, lora_A, lora_B)
+        ctx.scaling, ctx.p, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, p, dtype, x.shape, x.dtype
         return out.to(base_out.dtype).view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x, mask, h, lora_A, lora_B = ctx.saved_tensors
+        x, up, h, lora_A, lora_B = ctx.saved_tensors
+        if up is not None:
+            x = torch.nn.functional.silu(x) * up  # as the MLP computed it (training.fused.SiluMulFunction)
         dtype = ctx.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        keep, keep_scale = redraw_mask(ctx.rng, x2, ctx.p) if ctx.p > 0 else (None, 1.0)
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         grad_x = grad_a = grad_b = None
         with torch.autocast(grad.device.type, enabled=False):
@@ -75,19 +101,20 @@ class LoraFunction(torch.autograd.Function):
                 grad_b = (g.T @ h).to(lora_B.dtype)
             dh = (g @ lora_B.to(dtype)).mul_(ctx.scaling)
             if ctx.needs_input_grad[2]:
-                dropped = x.reshape(-1, x.shape[-1]).to(dtype)
-                if mask is not None:
-                    dropped = (dropped * mask).mul_(ctx.keep_scale)
+                dropped = x2 if keep is None else (x2 * keep).mul_(keep_scale)
                 grad_a = (dh.T @ dropped).to(lora_A.dtype)
             if ctx.needs_input_grad[1]:
                 grad_x = dh @ lora_A.to(dtype)
-                if mask is not None:
-                    grad_x = (grad_x * mask).mul_(ctx.keep_scale)
-                grad_x = grad_x.to(x.dtype).view(x.shape)
-        return grad if ctx.needs_input_grad[0] else None, grad_x, grad_a, grad_b, None, None
+                if keep is not None:
+                    grad_x = (grad_x * keep).mul_(keep_scale)
+                grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
+        return grad if ctx.needs_input_grad[0] else None, grad_x, grad_a, grad_b, None, None, None, None
 
 
 def lora_forward(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                 scaling: float, p: float) -> torch.Tensor:
-    """``base_out + s * B A dropout_p(x)`` as one autograd node (see the module docstring)."""
-    return LoraFunction.apply(base_out, x, lora_A, lora_B, scaling, p)
+                 scaling: float, p: float, rebuild: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``base_out + s * B A dropout_p(x)`` as one autograd node (see the module docstring).
+
+    ``rebuild = (gate, up)``: x is ``silu(gate) * up`` (a gated MLP's down projection), and the node keeps
+    those two, which the MLP keeps anyway, instead of x, an intermediate-size vector per token."""
+    return LoraFunction.apply(base_out, x, lora_A, lora_B, scaling, p, *(rebuild or (None, None)))

@@ -8,6 +8,9 @@ CPU launches. Here
     rms_norm(x)    keeps x and one fp32 number a row:  dx = r (dn - n mean(dn n)),  n = x r,  dn = g w
     silu_mul(a, b) keeps a and b:                      da = g b s (1 + a (1 - s)),  db = g a s,  s = sigmoid(a)
 
+and the down projection's adapters compute their input ``silu_mul(a, b)`` again from those two rather
+than keep it (``LoraLayer``'s ``rebuild``), one intermediate-size vector a token less.
+
 ``fuse(model)`` swaps these in where a module computes exactly what they do, checked on a random
 input at swap time (Gemma's ``1 + weight`` norm, say, does not match and is left alone).
 """
@@ -18,6 +21,8 @@ import types
 
 import torch
 from torch import nn
+
+from lora_app.lora import LoraLayer
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -50,12 +55,8 @@ class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        # in fp32, as torch's own silu backward computes: 1 - s in bf16 would lose most of its digits
-        a32, g32 = a.float(), grad.float()
-        s = torch.sigmoid(a32)
-        grad_b = (g32 * a32 * s).to(b.dtype)
-        grad_a = (g32 * b.float() * s * (1 + a32 * (1 - s))).to(a.dtype)
-        return grad_a, grad_b
+        # exactly autograd's steps; torch's silu_backward computes in fp32 inside one kernel
+        return torch.ops.aten.silu_backward(grad * b, a), grad * nn.functional.silu(a)
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -63,7 +64,11 @@ def _rms_norm_forward(self, hidden_states):
 
 
 def _gated_mlp_forward(self, x):
-    return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    hidden = SiluMulFunction.apply(gate, up)
+    if isinstance(self.down_proj, LoraLayer):  # its adapters compute their input again from gate and up
+        return self.down_proj(hidden, rebuild=(gate, up))
+    return self.down_proj(hidden)
 
 
 def _candidates(module: nn.Module):

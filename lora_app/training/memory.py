@@ -5,8 +5,8 @@ The estimate adds up, for the chosen settings:
     weights      parameters x bytes per parameter (4 fp32, 2 bf16/fp16, ~1.03 int8, ~0.56 NF4)
     loading      a quantized base on a CPU: the full-precision copy it was quantized from
     adapter      trainable parameters x 4 bytes, their gradients (x 4) and AdamW's two moments (x 8)
-    activations  what autograd keeps per token and layer (about 7 hidden-size and 3 intermediate-size
-                 vectors and the dropout masks; about four hidden-size vectors with gradient checkpointing),
+    activations  what autograd keeps per token and layer (about 7 hidden-size and 2 intermediate-size
+                 vectors; about four hidden-size vectors with gradient checkpointing),
                  plus one layer's backward, x batch x sequence length, plus one chunk of fp32 logits for the loss
     runtime      the framework itself (a measured constant)
 
@@ -84,9 +84,8 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
             tokens = min(tokens, max(budget, config.seq_len))
     # What autograd keeps per token and layer, counted with saved-tensor hooks on Llama shapes (fused
     # norms and MLP, one node per LoRA layer, see training/fused.py and lora/functional.py): about 7
-    # hidden-size and 3 intermediate-size vectors, plus a one-byte dropout mask per adapter input.
-    # The backward pass of one layer holds a few more at once.
-    kept = (7 * hidden + 3 * inter) * act_bytes + ((6 * hidden + inter) if lora.dropout > 0 else 0)
+    # hidden-size and 2 intermediate-size vectors. The backward pass of one layer holds a few more at once.
+    kept = (7 * hidden + 2 * inter) * act_bytes
     one_layer = kept + (8 * hidden + 4 * inter) * act_bytes
     if config.gradient_checkpointing:  # measured: about four hidden-size vectors per layer stay alive
         per_token = 4 * hidden * act_bytes * layers + one_layer
