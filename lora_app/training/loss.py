@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+CHUNK = 1024  # labelled positions projected onto the vocabulary at once (fp32 logits: CHUNK x vocab x 4 bytes)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -48,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         bias: torch.Tensor | None = None, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+                         bias: torch.Tensor | None = None, chunk_size: int = CHUNK) -> tuple[torch.Tensor, int]:
     """Mean next-token loss of ``hidden`` (batch, seq, d) through the head ``weight`` (vocab, d)
     against ``labels`` (batch, seq) in the transformers convention (position t predicts labels[t+1];
     -100 is ignored). Returns (loss, number of predicted tokens)."""

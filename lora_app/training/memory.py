@@ -26,15 +26,19 @@ from lora_app.errors import TargetError
 from lora_app.hardware import Precision
 from lora_app.lora import LoraConfig, add_adapter, count_parameters
 from lora_app.models import load_config, meta_model
+from lora_app.training.loss import CHUNK as LOSS_CHUNK
 
 BYTES_PER_WEIGHT = {"none": None, "8bit": 1.03, "4bit": 0.56}
 RUNTIME_BYTES = {"cpu": 450 * 2**20, "cuda": 600 * 2**20}
-LOSS_CHUNK = 1024
 # On a CPU, activations dominate memory and smaller micro-batches cost no speed: the trainer caps them
 # at this many (padded) tokens by default. On a GPU the batch size alone decides. Measured on a 2-core
 # AVX2 EPYC, default model, batch 4, seq-len 256, 12 steps: a cap of 2048 / 512 / 256 tokens gave
 # 3.2 / 2.5 / 1.8 GiB peak RSS at the same speed (83-95 useful tokens/s, within noise).
 CPU_BATCH_TOKENS = 512
+# A CPU process's peak RSS also holds what the backward pass freed and glibc's allocator kept for reuse:
+# measured 1.3-1.7x the activations' own bytes (bench/bench_plan.py: default model, seq-len 256 LoRA and
+# QLoRA, packed to 1024). A GPU's peak is the CUDA allocator's count of live tensors.
+CPU_HELD_FACTOR = 1.5
 
 
 def token_budget(config, device: str) -> int:
@@ -92,6 +96,8 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
     else:
         per_token = kept * layers + one_layer
     activations = tokens * per_token + min(tokens, LOSS_CHUNK) * vocab * 4 * 2
+    if device == "cpu":
+        activations *= CPU_HELD_FACTOR
     # A quantized base is loaded in full precision first; on a CPU the freed copy stays with the process
     # (measured: QLoRA peak RSS 2.6 GiB against 1.8 GiB without it, default model, batch 4, seq-len 256)
     loading = params * (2 if precision.name == "bf16" else 4) if config.quantization != "none" and device == "cpu" else 0
