@@ -87,7 +87,7 @@ def fuse(model: nn.Module) -> dict[str, int]:
     """Swap the fused forwards in wherever they compute exactly what the module computes; returns how
     many modules of each kind were swapped ({"rms_norm": 33, "gated_mlp": 16}, say)."""
     swapped = {"rms_norm": 0, "gated_mlp": 0}
-    checked: dict[type, bool] = {}  # one check per module class and shape is enough
+    checked: dict[tuple, bool] = {}  # one check per module class is enough: a model's layers are alike
     for module in model.modules():
         fused = _candidates(module)
         if fused is None:

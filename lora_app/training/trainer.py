@@ -479,7 +479,7 @@ class Recipe:
         settings = GenerationConfig(max_new_tokens=self.config.probe_tokens, do_sample=False, use_cache=True,
                                     eos_token_id=eos_token_ids(self.model, self.tokenizer), pad_token_id=self.pad_id)
         self.loss_model.eval()
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.accelerator.autocast(), attention_kernels(self.device.type):
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
         self.loss_model.train()
         seconds = time.perf_counter() - began
