@@ -435,3 +435,15 @@ def test_device_choice_serves_on_cpu_while_training_holds_the_gpu(monkeypatch):
         choose_device("cuda")
     with pytest.raises(InferenceError, match="unknown device"):
         choose_device("tpu")
+
+
+def test_the_token_loops_processors_sit_on_the_scores_device():
+    """A GPU's scores met the end-of-sequence ids on the CPU in MinNewTokens' ``isin`` and the reply
+    stopped with an error (H200); the processors are now built on the prompt's device."""
+    from lora_app.inference import GenerationSettings
+    from lora_app.inference.decode import logits_processors
+
+    settings = GenerationSettings(max_new_tokens=8, min_new_tokens=4, repetition_penalty=1.1)
+    processors = logits_processors(settings, prompt_len=5, eos_ids=[2, 3], device=torch.device("meta"))
+    eos = [p.eos_token_id for p in processors if hasattr(p, "eos_token_id")]
+    assert eos and all(t.device.type == "meta" for t in eos)

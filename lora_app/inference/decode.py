@@ -70,13 +70,16 @@ def fp32_prompt_passes(model) -> None:
             module.__class__ = Fp32PromptLinear
 
 
-def logits_processors(settings: GenerationSettings, prompt_len: int, eos_ids: list[int]) -> LogitsProcessorList:
-    """What ``generate`` would apply for these settings, in its order."""
+def logits_processors(settings: GenerationSettings, prompt_len: int, eos_ids: list[int],
+                      device: torch.device) -> LogitsProcessorList:
+    """What ``generate`` would apply for these settings, in its order, with their tensors on ``device``
+    (the scores' device: a GPU's scores met CPU eos ids in ``torch.isin`` and stopped the reply)."""
     processors = LogitsProcessorList()
     if settings.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(float(settings.repetition_penalty)))
     if settings.min_new_tokens:
-        processors.append(MinNewTokensLengthLogitsProcessor(prompt_len, settings.min_new_tokens, eos_ids))
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_len, settings.min_new_tokens, eos_ids,
+                                                            device=str(device)))
     if not settings.greedy:
         if settings.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(float(settings.temperature)))
@@ -110,7 +113,7 @@ class TokenLoop:
     def run(self, input_ids: torch.Tensor) -> Iterator[int]:
         start = time.perf_counter()
         prompt_len = input_ids.shape[1]
-        processors = logits_processors(self.settings, prompt_len, self.eos_ids)
+        processors = logits_processors(self.settings, prompt_len, self.eos_ids, input_ids.device)
         generator = None
         if not self.settings.greedy:
             generator = torch.Generator(device=input_ids.device)
