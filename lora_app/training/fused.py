@@ -87,6 +87,8 @@ def fuse(model: nn.Module) -> dict[str, int]:
     """Swap the fused forwards in wherever they compute exactly what the module computes; returns how
     many modules of each kind were swapped ({"rms_norm": 33, "gated_mlp": 16}, say)."""
     swapped = {"rms_norm": 0, "gated_mlp": 0}
+    # what the hidden states are in: a 4- or 8-bit projection's own weight is stored as integers
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     checked: dict[tuple, bool] = {}  # one check per module class is enough: a model's layers are alike
     for module in model.modules():
         fused = _candidates(module)
@@ -94,17 +96,16 @@ def fuse(model: nn.Module) -> dict[str, int]:
             continue
         key = (type(module), fused)
         if key not in checked:
-            checked[key] = _same_output(module, fused)
+            checked[key] = _same_output(module, fused, dtype)
         if checked[key]:
             module.forward = types.MethodType(fused, module)
             swapped["rms_norm" if fused is _rms_norm_forward else "gated_mlp"] += 1
     return swapped
 
 
-def _same_output(module: nn.Module, fused) -> bool:
-    weight = next(module.parameters())
+def _same_output(module: nn.Module, fused, dtype: torch.dtype) -> bool:
     width = module.weight.shape[-1] if fused is _rms_norm_forward else module.gate_proj.in_features
-    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0)).to(next(module.parameters()).device, dtype)
     was_training = module.training
     module.eval()  # no dropout: both forwards must see the same computation
     try:
