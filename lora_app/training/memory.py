@@ -37,7 +37,10 @@ RUNTIME_BYTES = {"cpu": 450 * 2**20, "cuda": 600 * 2**20}
 CPU_BATCH_TOKENS = 512
 # A CPU process's peak RSS also holds what the backward pass freed and glibc's allocator kept for reuse:
 # measured 1.3-1.7x the activations' own bytes (bench/bench_plan.py: default model, seq-len 256 LoRA and
-# QLoRA, packed to 1024). A GPU's peak is the CUDA allocator's count of live tensors.
+# QLoRA, packed to 1024). A GPU's peak is the CUDA allocator's count of live tensors. Not worth undoing:
+# glibc serving every block over 128 KB from mmap (MALLOC_MMAP_THRESHOLD_=131072) brought the bench_train
+# run from 2.25 to 1.55 GiB but from 109 to 59 useful tokens/s (page faults), and malloc_trim after each
+# backward pass cost 20 % of the speed for 14 % of the memory.
 CPU_HELD_FACTOR = 1.5
 
 
