@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import save_tiny, tiny_model
+from conftest import TINY, adapter_grads_plain_and_fused, save_tiny, tiny_model
 from lora_app.hardware import native_bf16_cpu
 from lora_app.lora import (LoraConfig, adapter_modules, add_adapter, export_merged, load_adapter, lora_layers,
                            merge_adapters, save_adapter)
@@ -36,35 +36,21 @@ def test_forward_and_backward_on_a_quantized_base(tiny_folder, quantization, var
     assert all(p.grad is None for n, p in model.named_parameters() if ".adapters." not in n)
 
 
-
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_a_quantized_bases_mlps_are_fused_too(tiny_folder, quantization, input_ids):
     """fuse() checks a module against its fused forward on an input in the hidden states' dtype, not
     in the first parameter's: a 4- or 8-bit projection stores its weight as integers, and checked in
     those every quantized MLP kept transformers' forward (and its extra intermediate-size tensor)."""
-    from lora_app.training.fused import fuse
+    def build():
+        return load_model(tiny_folder, quantization, device="cpu")[0]
 
-    def loss_and_grads(model):
-        torch.manual_seed(3)
-        model(input_ids, labels=input_ids).loss.backward()
-        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
-
-    grads = []
-    for fused in (False, True):
-        model, _ = load_model(tiny_folder, quantization, device="cpu")
-        if fused:
-            layers = model.config.num_hidden_layers
-            assert fuse(model) == {"rms_norm": 2 * layers + 1, "gated_mlp": layers}
-        torch.manual_seed(0)
-        add_adapter(model, LoraConfig(rank=4, dropout=0.1, targets="all-linear"))
-        torch.manual_seed(1)
-        for adapter in adapter_modules(model, "default").values():
-            torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)
-        grads.append(loss_and_grads(model.train()))
-    plain, fused = grads
+    plain, fused, swapped = adapter_grads_plain_and_fused(build, input_ids)
+    layers = TINY["num_hidden_layers"]
+    assert swapped == {"rms_norm": 2 * layers + 1, "gated_mlp": layers}
     assert plain.keys() == fused.keys() and any("down_proj" in name for name in fused)
     for name in plain:
         assert torch.allclose(plain[name], fused[name], rtol=1e-4, atol=1e-6), name
+
 
 def test_in_place_merge_is_refused_but_export_dequantizes(tiny_folder, input_ids, tmp_path):
     from transformers import AutoModelForCausalLM

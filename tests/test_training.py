@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import save_tiny, tiny_model
+from conftest import adapter_grads_plain_and_fused, save_tiny, tiny_model
 from lora_app.training.batches import padding_share, plan_batches
 from lora_app.errors import TrainConfigError, TrainingError
 from lora_app.training.config import TrainConfig
@@ -236,27 +236,8 @@ def test_fused_norms_and_mlps_give_the_same_model_in_value_and_gradient(kind):
 def test_fused_mlps_with_adapters_train_as_before():
     """With LoRA (dropout on) on every linear layer, the fused model's adapter gradients are those of
     the plain one under the same seed, the down projection rebuilding its input from gate and up."""
-    from lora_app.lora import LoraConfig, add_adapter, adapter_modules
-    from lora_app.training.fused import fuse
-
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-
-    def adapter_grads(model):
-        torch.manual_seed(3)
-        model(input_ids=ids, labels=ids).loss.backward()
-        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
-
-    models = []
-    for fused in (False, True):
-        model = tiny_model("llama")
-        if fused:
-            fuse(model)
-        add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
-        torch.manual_seed(1)
-        for adapter in adapter_modules(model, "a").values():
-            torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)  # B = 0 would give A no gradient
-        models.append(model.train())
-    plain, fused = (adapter_grads(model) for model in models)
+    plain, fused, _ = adapter_grads_plain_and_fused(lambda: tiny_model("llama"), ids)
     assert plain.keys() == fused.keys() and any("down_proj" in name for name in fused)
     for name in plain:
         assert torch.allclose(plain[name], fused[name], rtol=1e-4, atol=1e-6), name

@@ -20,7 +20,6 @@ from lora_app.lora.functional import dropout, lora_forward
 from lora_app.lora.quant import dequantized_weight
 
 
-
 class Dropout(nn.Dropout):
     """``nn.Dropout`` with the mask drawn as ``functional.keep_mask`` draws it (much cheaper on a CPU).
     Autograd keeps the boolean mask (1 byte per element), as ``nn.Dropout`` does."""
