@@ -99,10 +99,21 @@ def loss_points(page) -> int:
         return plot && plot.data && plot.data.length ? plot.data[0].x.length : 0; }""")
 
 
+def type_into(box, text: str) -> None:
+    """Types ``text`` into a form box and leaves it, as a user does. A box in a tab or accordion that has just
+    opened is still mounting for a few milliseconds and can drop what is typed then (no person types that
+    fast; the CI run saw it once), so it is typed again until the box holds it."""
+    for _ in range(5):
+        box.fill(text)
+        box.press("Tab")
+        box.page.wait_for_timeout(300)
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"the box holds {box.input_value()!r} after typing {text!r}")
+
+
 def set_number(page, label: str, value) -> None:
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Tab")
+    type_into(page.get_by_label(label, exact=True), str(value))
 
 
 def plot_points(page, chart: str) -> list[int]:
@@ -162,8 +173,7 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         expect(page.locator("#train-summary")).to_contain_text("12 steps")
         # probe prompts: typed ones and a validation row with its answer as the reference
         page.locator("#probe-settings").get_by_text("Probe prompts").first.click()
-        page.locator("#probe-prompts textarea").fill("Who are you?\nTell me a joke.")
-        page.locator("#probe-prompts textarea").press("Tab")
+        type_into(page.locator("#probe-prompts textarea"), "Who are you?\nTell me a joke.")
         set_number(page, "Probe rows", 1)
         set_number(page, "Probe answer tokens", 12)
         set_number(page, "Probe time budget", 0)  # a round at every evaluation, however short the run
@@ -181,6 +191,7 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         page.locator("#plan-run").click()  # the new settings' plan goes with the run
         expect(page.locator("#plan-result")).to_contain_text("Measuring")
         expect(page.locator("#plan-result")).to_contain_text("It fits", timeout=120_000)
+        expect(page.locator("#probe-prompts textarea")).to_have_value("Who are you?\nTell me a joke.")
         page.locator("#start-training").dblclick()
         expect(page.locator("#train-status")).to_contain_text("Started")
         expect(page.locator("#run-progress [data-phase]").first).to_be_visible(timeout=10_000)  # from the start
@@ -263,7 +274,7 @@ def test_upload_train_reload_and_chat(studio, tmp_path):
         page.get_by_role("tab", name="3 · Train").click()
         expect(page.locator("#train-summary")).to_contain_text("3 steps")
         page.locator("#sweep-settings").get_by_text("Sweep").first.click()
-        page.locator("#sweep-grid textarea, #sweep-grid input").first.fill("rank=2,4; alpha=4,8")
+        type_into(page.locator("#sweep-grid textarea, #sweep-grid input").first, "rank=2,4; alpha=4,8")
         page.locator("#sweep-start").click()
         # every combination is checked (its data and model config read) before any is queued
         expect(page.locator("#train-status")).to_contain_text("Queued a sweep of 4 runs", timeout=60_000)
