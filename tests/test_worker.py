@@ -145,6 +145,70 @@ def test_cli_run_is_registered_and_refuses_to_overwrite(setup, tmp_path):
     assert "Traceback" not in second.stderr
 
 
+def queued_cli_run(model, data, output, store):
+    """A CLI run queued behind another job, which holds the device until it is finished."""
+    busy = store.create_run({}, output=str(output.parent / "other"))
+    assert store.claim(busy.id, os.getpid())
+    process = subprocess.Popen([sys.executable, "-m", "lora_app", "train", "--model", model, "--data", data,
+                                "--output", str(output), "--max-steps", "100000", "--batch-size", "2", "--seq-len",
+                                "64", "--store", str(store.root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(lambda: "queued" in process.stdout.readline(), what="the run to queue")
+    return process, busy
+
+
+def test_ctrl_c_while_queued_leaves_the_queue(setup, tmp_path):
+    root, model, data = setup
+    store = RunStore(tmp_path / "store")
+    process, busy = queued_cli_run(model, data, tmp_path / "run", store)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "cancelled before it started" in out and "Traceback" not in err
+    (run,) = [r for r in store.list() if r.id != busy.id]
+    assert run.status == "cancelled" and run.error == "Cancelled before it started."
+
+
+def test_ctrl_c_in_the_cli_stops_after_the_step_with_a_checkpoint(setup, tmp_path):
+    root, model, data = setup
+    output, store = tmp_path / "run", RunStore(tmp_path / "store")
+    process, busy = queued_cli_run(model, data, output, store)
+    store.finish(busy.id, "completed")
+    wait_for(lambda: process.stdout.readline().startswith("step 2/"), what="training to start")
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stopping after this step" in err and "Traceback" not in err
+    (run,) = [r for r in store.list() if r.id != busy.id]
+    assert run.status == "cancelled" and run.error is None
+    step = run.summary["steps"]
+    assert (output / "checkpoints" / f"checkpoint-{step}" / "state.json").exists()
+    assert f"Continue it from checkpoint-{step} with: python -m lora_app train --output {output} --resume" in out
+
+
+def test_a_second_ctrl_c_stops_at_once_and_ctrl_c_is_given_back(setup, tmp_path, monkeypatch, capfd):
+    from lora_app.training import run as cli_run
+
+    root, model, data = setup
+    store = RunStore(tmp_path / "store")
+    asked = []
+
+    def interrupted_twice(config, callbacks, checked):
+        signal.raise_signal(signal.SIGINT)  # the first: stop after the step
+        asked.append(callbacks.should_stop())
+        signal.raise_signal(signal.SIGINT)  # the second: at once
+        raise AssertionError("the second Ctrl-C did not stop the run")
+
+    monkeypatch.setattr(cli_run, "train", interrupted_twice)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    code = cli_run.start(job(model, data, output=str(tmp_path / "run")), store, None, as_json=False,
+                         main_process=True)
+    assert code == 130 and asked == [True]
+    (run,) = store.list()
+    assert run.status == "cancelled" and run.error == cli_run.INTERRUPTED
+    assert "It saved no checkpoint: start it again with a new --output." in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+
+
 def test_the_same_command_runs_data_parallel_under_torchrun(setup, tmp_path):
     root, model, data = setup
     command = ["torchrun", "--nproc_per_node", "2", "-m", "lora_app", "train", "--model", model, "--data", data,

@@ -4,6 +4,7 @@ the heartbeat, and the store's record of how it ended. ``cli.py`` parses and che
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -21,10 +22,13 @@ from transformers.utils import logging as hf_logging
 from lora_app.errors import UserError
 from lora_app.models import default_device
 from lora_app.training.config import TrainConfig
+from lora_app.training.preflight import latest_checkpoint
 from lora_app.training.trainer import Callbacks, Checked, preflight, train
 
 HEARTBEAT_EVERY = 5.0
 
+INTERRUPT_NOTICE = "Ctrl-C: stopping after this step, with a checkpoint to resume from (Ctrl-C again: stop at once)"
+INTERRUPTED = "Stopped at once by Ctrl-C."
 OOM_ADVICE = ("Out of memory. Try a smaller batch size or sequence length (use --grad-accum to keep the effective "
               "batch), 4-bit quantization (--quantization 4bit), or --gradient-checkpointing.")
 
@@ -49,12 +53,15 @@ def start(config: TrainConfig, store, run_id: str | None, *, as_json: bool, main
     return _run(config, store, run_id, console, checked)
 
 
-def _wait_for_turn(store, run_id: str) -> bool:
+def _wait_for_turn(store, run_id: str, stop: threading.Event) -> bool:
     """Block until this run holds the device; False when it was cancelled while queued."""
     told = False
     while not store.claim(run_id, os.getpid()):
         run = store.get(run_id)
         if run.status != "queued":
+            return False
+        if stop.is_set():
+            store.drop(run_id)
             return False
         if not told:
             print("queued: another training job is using the device; this one starts when it ends", flush=True)
@@ -66,7 +73,28 @@ def _wait_for_turn(store, run_id: str) -> bool:
 def _run(config: TrainConfig, store, run_id: str | None, console: Console, checked: Checked | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # SIGTERM = graceful cancel: checkpoint, then exit
-    if store is not None and not _wait_for_turn(store, run_id):
+    # Ctrl-C too, as the studio's Cancel does; not where the caller handles it (a sweep) or ignores it
+    interrupt = signal.getsignal(signal.SIGINT)
+    if interrupt is signal.default_int_handler:
+        signal.signal(signal.SIGINT, functools.partial(_interrupted, stop))
+    try:
+        return _train_and_record(config, store, run_id, console, checked, stop)
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+
+
+def _interrupted(stop: threading.Event, *_) -> None:
+    """The first Ctrl-C stops the run after its step, with a checkpoint; the second at once."""
+    if stop.is_set():
+        raise KeyboardInterrupt
+    stop.set()
+    # a raw write: the interrupted code may be in the middle of a print to the same stream
+    os.write(2, f"\n{INTERRUPT_NOTICE}\n".encode())
+
+
+def _train_and_record(config: TrainConfig, store, run_id: str | None, console: Console, checked: Checked | None,
+                      stop: threading.Event) -> int:
+    if store is not None and not _wait_for_turn(store, run_id, stop):
         console.say("cancelled before it started")
         return 0
     done = threading.Event()
@@ -77,7 +105,8 @@ def _run(config: TrainConfig, store, run_id: str | None, console: Console, check
         status, summary, code = outcome.status, outcome.summary, 0
         console.finish(status, summary, config.output)
     except KeyboardInterrupt:
-        error = "Interrupted."
+        status, error, code = "cancelled", INTERRUPTED, 130
+        console.error(f"{error} {_how_to_continue(config.output)}")
     except Exception as err:
         error = explain(err)
         code = 2 if isinstance(err, UserError) else 1  # bad input, found during the work, is still bad input
@@ -176,7 +205,17 @@ def summary_lines(status: str, s: dict, output: str) -> list[str]:
                      f"({100 * s['probe_seconds'] / max(s['wall_seconds'], 1e-9):.1f} % of the run)")
     if status == "completed":
         lines.append(f"adapter: {Path(output) / 'adapter'}")
+    elif status == "cancelled":
+        lines.append(_how_to_continue(output))
     return lines
+
+
+def _how_to_continue(output: str) -> str:
+    """How to go on with a run that stopped before its end."""
+    checkpoint = latest_checkpoint(Path(output))
+    if checkpoint is None:
+        return "It saved no checkpoint: start it again with a new --output."
+    return f"Continue it from {checkpoint.name} with: python -m lora_app train --output {output} --resume"
 
 
 def _callbacks(config: TrainConfig, store, run_id, stop: threading.Event, done: threading.Event,

@@ -252,6 +252,10 @@ class RunStore:
             values["summary"] = summary
         self.update(run_id, **values)
 
+    def drop(self, run_id: str) -> None:
+        """A queued run that will not start: cancelled."""
+        self.finish(run_id, "cancelled", error="Cancelled before it started.")
+
     def heartbeat(self, run_id: str, step: int | None = None, total_steps: int | None = None) -> bool:
         """Record that the job is alive; returns True when a cancel has been requested."""
         values = {"heartbeat": time.time()}

@@ -73,7 +73,7 @@ def cancel(run_id: str, store: RunStore | None = None) -> Run:
     store = store or RunStore()
     run = store.get(run_id)
     if run.status == "queued":
-        store.finish(run_id, "cancelled", error="Cancelled before it started.")
+        store.drop(run_id)
         _signal(run.pid, signal.SIGTERM)
     elif run.status == "running" and not run.cancel_requested:
         store.update(run_id, cancel_requested=time.time())
