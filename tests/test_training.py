@@ -427,6 +427,22 @@ def test_token_budget_changes_memory_not_the_update(tiny_llama, qa_data, tmp_pat
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)
 
 
+def test_gradients_are_allocated_once_before_the_first_step(tiny_llama, qa_data, tmp_path, monkeypatch):
+    from lora_app.training import trainer
+
+    storages = []
+    real_step = trainer.Recipe._loss_step
+
+    def spy(self):
+        storages.append({p.grad.data_ptr() for p in self.model.parameters() if p.requires_grad})
+        return real_step(self)
+
+    monkeypatch.setattr(trainer.Recipe, "_loss_step", spy)
+    train(config_for(tiny_llama, qa_data, tmp_path / "run", max_steps=3), quiet()[0])
+    # every step accumulates into the same tensors, zeroed in place (glibc's heap stays compact)
+    assert len(storages) == 3 and len(storages[0]) > 0 and storages[0] == storages[1] == storages[2]
+
+
 def test_columns_mapped_by_hand_reach_training(tiny_llama, tmp_path):
     data = tmp_path / "qa.json"
     data.write_text(json.dumps([{"question": q, "reply": a} for q, a in QA * 2]))

@@ -290,6 +290,13 @@ class Recipe:
         # on a GPU one fused kernel updates every adapter tensor (a step there is bound by kernel launches)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, ADAPTER, c.lr, c.lora_plus_ratio, c.weight_decay),
                                            lr=c.lr, fused=self.device.type == "cuda" or None)
+        # The gradients live for the whole run, allocated before the first activation and zeroed, not
+        # freed, after each step: on a CPU, ~100 small tensors allocated anew in every backward pass land
+        # among the freed activations, and glibc's heap grows around them (peak RSS 2.26 -> 2.11-2.19 GiB
+        # on bench_train's run, 2.54 -> 2.35 GiB on raw text in 512-token micro-batches, same speed)
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
         self.delta = DeltaLoraUpdater(self.model, ADAPTER, self.optimizer) if c.variant == "delta-lora" else None
         warmup = int(c.warmup) if c.warmup >= 1 else round(c.warmup * self.total_steps)
         self.scheduler = LambdaLR(self.optimizer, functools.partial(multiplier, c.scheduler, warmup=warmup,
@@ -346,7 +353,7 @@ class Recipe:
                 step_loss, tokens = self._gradients()
                 break
             except (torch.OutOfMemoryError, MemoryShortage) as err:
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=False)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if self.accelerator.num_processes > 1:  # the other processes already wait for this one
@@ -364,7 +371,7 @@ class Recipe:
             else _grad_norm(self.model)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)
         self.step += 1
         self.train_tokens += tokens
         return step_loss, grad_norm, tokens
