@@ -157,12 +157,20 @@ def queued_cli_run(model, data, output, store):
     return process, busy
 
 
+def finish(process, timeout: float) -> tuple[str, str]:
+    """The output of a process that should end by itself now; killed if it does not (100000 steps)."""
+    try:
+        return process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+
+
 def test_ctrl_c_while_queued_leaves_the_queue(setup, tmp_path):
     root, model, data = setup
     store = RunStore(tmp_path / "store")
     process, busy = queued_cli_run(model, data, tmp_path / "run", store)
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    out, err = finish(process, timeout=60)
     assert process.returncode == 0 and "cancelled before it started" in out and "Traceback" not in err
     (run,) = [r for r in store.list() if r.id != busy.id]
     assert run.status == "cancelled" and run.error == "Cancelled before it started."
@@ -173,9 +181,11 @@ def test_ctrl_c_in_the_cli_stops_after_the_step_with_a_checkpoint(setup, tmp_pat
     output, store = tmp_path / "run", RunStore(tmp_path / "store")
     process, busy = queued_cli_run(model, data, output, store)
     store.finish(busy.id, "completed")
-    wait_for(lambda: process.stdout.readline().startswith("step 2/"), what="training to start")
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    try:
+        wait_for(lambda: process.stdout.readline().startswith("step 2/"), what="training to start")
+    finally:
+        process.send_signal(signal.SIGINT)
+    out, err = finish(process, timeout=120)
     assert process.returncode == 0, err
     assert "stopping after this step" in err and "Traceback" not in err
     (run,) = [r for r in store.list() if r.id != busy.id]
