@@ -129,7 +129,8 @@ def train_studio(spec: dict) -> dict:
                              seq_len=spec["seq_len"], lr=2e-4, scheduler="cosine", warmup=0, seed=0, log_every=1,
                              quantization=MODES[spec["mode"]], gradient_checkpointing=spec["gradient_checkpointing"],
                              **LORA)
-        summary = train(config, Callbacks(on_log=on_log, log=lambda text: None)).summary
+        # the trainer's own lines (what it fused, the precision) go to sides.log
+        summary = train(config, Callbacks(on_log=on_log, log=lambda text: print(text, file=sys.stderr, flush=True))).summary
     (t0, tokens0, _), (t1, tokens1, _) = marks[spec["warmup"]], marks[max(marks)]
     return dict(tokens_per_s=(tokens1 - tokens0) / (t1 - t0), peak_bytes=peak_memory(),
                 mean_loss=statistics.fmean(loss for _, _, loss in marks.values()),

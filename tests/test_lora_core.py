@@ -12,7 +12,7 @@ from lora_app.lora import (VARIANTS, AdapterLoadError, DeltaLoraUpdater, LoraAda
                            TargetError, adapter_modules, add_adapter, bypass_idle, count_parameters, export_merged, load_adapter,
                            lora_layers, merge_adapters, pack_adapters, param_groups, remove_adapter, resolve_targets, save_adapter,
                            set_active_adapters, set_trainable, unmerge_adapters)
-from lora_app.lora.functional import dropout, lora_forward
+from lora_app.lora.functional import Rebuild, dropout, lora_forward, mask_generator, new_seed
 
 
 def randomize(model, name, scale=0.2, seed=0):
@@ -392,8 +392,8 @@ def test_dropout_drops_p_of_the_input_and_scales_the_rest(shape):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_the_lora_node_has_the_gradients_of_the_plain_expression(p, x_grad):
-    """LoraFunction against autograd through ``base + s * B A dropout(x)``, with the same mask (the
-    CPU draws it from torch's generator, so reseeding repeats it); and A's and B's gradients when
+    """LoraFunction against autograd through ``base + s * B A dropout(x)``, with the same mask (its
+    seed comes from torch's generator, so reseeding repeats it); and A's and B's gradients when
     only some inputs need one (LoRA-FA's frozen A, a first layer's input)."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=x_grad)
@@ -407,7 +407,7 @@ def test_the_lora_node_has_the_gradients_of_the_plain_expression(p, x_grad):
     grads = torch.autograd.grad(out, [t for t in (base, x, a, b) if t.requires_grad], g)
     assert torch.equal(torch.get_rng_state(), after_forward)  # redrawing the mask moved no one's generator
     torch.manual_seed(1)
-    dropped = dropout(x.reshape(-1, 12), p).view(x.shape) if p else x
+    dropped = dropout(x.reshape(-1, 12), p, mask_generator(x.device, new_seed())).view(x.shape) if p else x
     expected = base + (dropped @ a.T * 0.5) @ b.T
     want = torch.autograd.grad(expected, [t for t in (base, x, a, b) if t.requires_grad], g)
     assert torch.allclose(out, expected)
@@ -416,6 +416,34 @@ def test_the_lora_node_has_the_gradients_of_the_plain_expression(p, x_grad):
     frozen_a = a.detach()
     out = lora_forward(base, x, frozen_a, b, 0.5, p)
     assert torch.autograd.grad(out, b, g)[0].shape == b.shape
+
+
+def test_a_rebuilt_input_gives_the_gradients_of_the_kept_one_unless_changed_in_place():
+    """An input carrying a Rebuild is computed again in the backward pass, once for all its users;
+    changed in place after it was attached, the Rebuild no longer describes it and the node keeps it."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    base = torch.zeros(6, 5, dtype=torch.float64)
+    calls = []
+
+    def twice(t):
+        calls.append(1)
+        return t * 2
+
+    for change_in_place in (False, True):
+        calls.clear()
+        y = Rebuild(twice, x).attach(x * 2)
+        if change_in_place:
+            y.add_(1)
+        out = sum(lora_forward(base, y, a, b, 0.5, 0.0) for _ in range(3))  # three users, as q, k and v
+        got = torch.autograd.grad(out.sum(), (x, a, b))
+        expected_y = x * 2 + (1 if change_in_place else 0)
+        want = torch.autograd.grad(sum(base + (expected_y @ a.T * 0.5) @ b.T for _ in range(3)).sum(), (x, a, b))
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w)
+        assert len(calls) == (0 if change_in_place else 1)
 
 
 def test_a_bf16_layer_keeps_its_input_once_not_a_copy_per_adapter():

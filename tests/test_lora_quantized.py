@@ -40,13 +40,15 @@ def test_forward_and_backward_on_a_quantized_base(tiny_folder, quantization, var
 def test_a_quantized_bases_mlps_are_fused_too(tiny_folder, quantization, input_ids):
     """fuse() checks a module against its fused forward on an input in the hidden states' dtype, not
     in the first parameter's: a 4- or 8-bit projection stores its weight as integers, and checked in
-    those every quantized MLP kept transformers' forward (and its extra intermediate-size tensor)."""
+    those every quantized MLP kept transformers' forward (and its extra intermediate-size tensor).
+    A 4-bit projection becomes one node too (its scales dequantized once), with the same gradients."""
     def build():
         return load_model(tiny_folder, quantization, device="cpu")[0]
 
     plain, fused, swapped = adapter_grads_plain_and_fused(build, input_ids)
     layers = TINY["num_hidden_layers"]
-    assert swapped == {"rms_norm": 2 * layers + 1, "gated_mlp": layers}
+    assert swapped == {"rms_norm": 2 * layers + 1, "gated_mlp": layers,
+                       "linear_4bit": 7 * layers if quantization == "4bit" else 0}
     assert plain.keys() == fused.keys() and any("down_proj" in name for name in fused)
     for name in plain:
         assert torch.allclose(plain[name], fused[name], rtol=1e-4, atol=1e-6), name

@@ -226,7 +226,7 @@ def test_fused_norms_and_mlps_give_the_same_model_in_value_and_gradient(kind):
     before = loss_and_grads(model)
     swapped = fuse(model)
     layers = model.config.num_hidden_layers if kind != "gpt2" else 0
-    assert swapped == {"rms_norm": 2 * layers + (1 if layers else 0), "gated_mlp": layers}
+    assert swapped == {"rms_norm": 2 * layers + (1 if layers else 0), "gated_mlp": layers, "linear_4bit": 0}
     after = loss_and_grads(model)
     assert before.keys() == after.keys()
     for name in before:
@@ -243,6 +243,68 @@ def test_fused_mlps_with_adapters_train_as_before():
         assert torch.allclose(plain[name], fused[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_checkpointed_layers_recompute_the_same_masks_and_rebuilds():
+    """Gradient checkpointing recomputes each layer in the backward pass: the adapters' dropout masks
+    (their seeds come from the generator checkpointing restores) and the rebuilt inputs must come out as
+    in the forward pass, so the gradients equal those of the run that kept everything."""
+    from lora_app.lora import LoraConfig, adapter_modules, add_adapter
+    from lora_app.training.fused import fuse
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama")
+        fuse(model)
+        torch.manual_seed(0)
+        add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
+        for adapter in adapter_modules(model, "a").values():
+            torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(3)
+        model.train()(input_ids=ids, labels=ids).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_a_fused_layer_with_adapters_keeps_what_the_estimate_counts():
+    """A decoder layer's saved tensors (one layer's worth: 4 layers minus 2), bf16, LoRA with dropout on
+    every linear layer: the norms' inputs, q, k, v, the attention's output, gate and up, as the memory
+    estimate counts them. The norms' outputs and silu(gate) * up are rebuilt, not kept."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+    from lora_app.lora import LoraConfig, add_adapter
+    from lora_app.training.fused import fuse
+
+    def kept_bytes(layers: int) -> int:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": layers})).to(torch.bfloat16)
+        fuse(model)
+        add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.train()(input_ids=ids, labels=ids)
+        return sum(kept.values())
+
+    per_token = (kept_bytes(4) - kept_bytes(2)) / 2 / (4 * 64)
+    hidden, inter, heads, kv_heads = TINY["hidden_size"], TINY["intermediate_size"], 4, 2
+    # norms' inputs 2, q 1, k and v kv_heads / heads each, attention output 1; gate, up; bf16
+    vectors = (4 + 2 * kv_heads / heads) * hidden + 2 * inter
+    small = 2 * 4 + heads * 4 + 7 * 4 * 4  # fp32: two norm scales, a log-sum-exp a head, 7 adapters' rank-4 h
+    assert per_token == vectors * 2 + small
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_nodes_have_the_gradients_of_the_modules_they_replace(dtype):
     from lora_app.training.fused import RMSNormFunction, SiluMulFunction
@@ -253,7 +315,7 @@ def test_the_fused_nodes_have_the_gradients_of_the_modules_they_replace(dtype):
     g = torch.randn(3, 5, 16, dtype=dtype)
     xf = x.float()
     reference = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)  # transformers' norm
-    fused = RMSNormFunction.apply(x, w, 1e-5)
+    fused, _ = RMSNormFunction.apply(x, w, 1e-5)
     assert torch.equal(fused, reference)
     for got, want in zip(torch.autograd.grad(fused, (x, w), g), torch.autograd.grad(reference, (x, w), g)):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

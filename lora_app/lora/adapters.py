@@ -35,9 +35,8 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def add_to(self, result: torch.Tensor, x: torch.Tensor, weight: float, base_out: torch.Tensor | None,
-               layer, rebuild=None) -> torch.Tensor:
-        """``result + weight * forward(x)``, in ``result``'s dtype. ``rebuild``: see ``functional.lora_forward``
-        (a variant that does not use it keeps x)."""
+               layer) -> torch.Tensor:
+        """``result + weight * forward(x)``, in ``result``'s dtype."""
         delta = self(x.to(next(self.parameters()).dtype), base_out, layer)
         return result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
 
@@ -78,10 +77,10 @@ class LoraAdapter(Adapter):
         # scaling applied on the r-wide intermediate: the same product, r/out of the elementwise work
         return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
 
-    def add_to(self, result, x, weight, base_out, layer, rebuild=None):
+    def add_to(self, result, x, weight, base_out, layer):
         # one autograd node instead of eight, no copy of x kept (functional.py)
         return lora_forward(result, x, self.lora_A.weight, self.lora_B.weight, weight * self.scaling,
-                            self.dropout.p if self.training and isinstance(self.dropout, Dropout) else 0.0, rebuild)
+                            self.dropout.p if self.training and isinstance(self.dropout, Dropout) else 0.0)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -35,9 +35,7 @@ class LoraLayer(nn.Module):
     def weight(self):  # lets code that inspects `layer.weight` (e.g. dtype checks) keep working
         return self.base_layer.weight
 
-    def forward(self, x: torch.Tensor, *args, rebuild=None, **kwargs) -> torch.Tensor:
-        """``rebuild``: tensors x can be computed again from in the backward pass (see
-        ``functional.lora_forward``), so that the adapters need not keep x."""
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.merged is not None or not self.active:
             return result
@@ -51,7 +49,7 @@ class LoraLayer(nn.Module):
             if getattr(adapter, "lora_magnitude_vector", None) is not None and base_out is None:
                 bias = getattr(self.base_layer, "bias", None)  # DoRA rescales W0 x, without the bias
                 base_out = (base_result if bias is None else base_result - bias).to(adapter.lora_A.weight.dtype)
-            result = adapter.add_to(result, x, w, base_out, self, rebuild)
+            result = adapter.add_to(result, x, w, base_out, self)
         return result
 
     def pack(self) -> None:

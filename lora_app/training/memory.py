@@ -2,10 +2,10 @@
 
 The estimate adds up, for the chosen settings:
 
-    weights      parameters x bytes per parameter (4 fp32, 2 bf16/fp16, ~1.03 int8, ~0.56 NF4)
+    weights      parameters x bytes per parameter (4 fp32, 2 bf16/fp16, ~1.03 int8, ~0.62 NF4 in training)
     loading      a quantized base on a CPU: the full-precision copy it was quantized from
     adapter      trainable parameters x 4 bytes, their gradients (x 4) and AdamW's two moments (x 8)
-    activations  what autograd keeps per token and layer (about 7 hidden-size and 2 intermediate-size
+    activations  what autograd keeps per token and layer (about 5 hidden-size and 2 intermediate-size
                  vectors; about four hidden-size vectors with gradient checkpointing),
                  plus one layer's backward, x batch x sequence length, plus one chunk of fp32 logits for the loss
     runtime      the framework itself (a measured constant)
@@ -28,7 +28,9 @@ from lora_app.lora import LoraConfig, add_adapter, count_parameters
 from lora_app.models import load_config, meta_model
 from lora_app.training.loss import CHUNK as LOSS_CHUNK
 
-BYTES_PER_WEIGHT = {"none": None, "8bit": 1.03, "4bit": 0.56}
+# 4-bit: NF4 with double quantization keeps ~0.53 bytes a weight, and training adds the per-block
+# scales dequantized once (training/fused.py: 4 bytes per 64 weights)
+BYTES_PER_WEIGHT = {"none": None, "8bit": 1.03, "4bit": 0.62}
 RUNTIME_BYTES = {"cpu": 450 * 2**20, "cuda": 600 * 2**20}
 # On a CPU, activations dominate memory and smaller micro-batches cost no speed: the trainer caps them
 # at this many (padded) tokens by default. On a GPU the batch size alone decides. Measured on a 2-core
@@ -90,9 +92,10 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
         if budget:  # micro-batches are cut to the token budget (see batches.StepPlan)
             tokens = min(tokens, max(budget, config.seq_len))
     # What autograd keeps per token and layer, counted with saved-tensor hooks on Llama shapes (fused
-    # norms and MLP, one node per LoRA layer, see training/fused.py and lora/functional.py): about 7
-    # hidden-size and 2 intermediate-size vectors. The backward pass of one layer holds a few more at once.
-    kept = (7 * hidden + 2 * inter) * act_bytes
+    # norms and MLP, one node per LoRA layer, adapters rebuilding their inputs, see training/fused.py and
+    # lora/functional.py): the two norms' inputs, q, k, v and the attention's output (about 5
+    # hidden-size vectors), gate and up. The backward pass of one layer holds a few more at once.
+    kept = (5 * hidden + 2 * inter) * act_bytes
     one_layer = kept + (8 * hidden + 4 * inter) * act_bytes
     if config.gradient_checkpointing:  # measured: about four hidden-size vectors per layer stay alive
         per_token = 4 * hidden * act_bytes * layers + one_layer

@@ -264,7 +264,8 @@ class Recipe:
                                    trust_remote_code=c.trust_remote_code)
         self.model.config.use_cache = False
         fused = fuse(self.model)
-        self.cb.log(f"fused for training: {fused['rms_norm']} RMS norms, {fused['gated_mlp']} gated MLPs")
+        self.cb.log(f"fused for training: {fused['rms_norm']} RMS norms, {fused['gated_mlp']} gated MLPs"
+                    + (f", {fused['linear_4bit']} 4-bit projections" if fused["linear_4bit"] else ""))
         self.checkpoint = latest_checkpoint(self.output) if c.resume else None
         if self.checkpoint is not None:
             load_adapter(self.model, self.checkpoint / "adapter", ADAPTER)
