@@ -230,6 +230,24 @@ def test_a_packed_mix_computes_what_the_adapters_compute(input_ids):
     assert all(m.lora_B.weight.grad is not None for m in adapter_modules(model, "a").values())
 
 
+def test_a_packed_pair_in_the_models_dtype_adds_into_the_base_output():
+    """Where x, the pack and the base output share a dtype (bf16 on a GPU), the pair runs as one
+    product and one add-product into the base output: the logits are those of the adapters unpacked."""
+    model = tiny_model("llama").to(torch.bfloat16).eval()
+    add_adapter(model, LoraConfig(rank=4), "a")
+    randomize(model, "a")
+    for module in adapter_modules(model, "a").values():
+        module.to(torch.bfloat16)
+    set_active_adapters(model, "a")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+        pack_adapters(model)
+        assert all(layer.packed[0].dtype == torch.bfloat16 for layer in lora_layers(model).values())
+        got = model(ids).logits.float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 # ------------------------------------------------------------------------------------ variants
 def test_lora_plus_groups_put_b_at_ratio():
     model = tiny_model("llama")

@@ -41,8 +41,11 @@ class LoraLayer(nn.Module):
             return result
         if self.packed is not None and not self.training:
             a_t, b_t = self.packed
-            delta = (x if x.dtype == a_t.dtype else x.to(a_t.dtype)) @ a_t @ b_t
-            return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+            if x.dtype == a_t.dtype == result.dtype:  # two kernels: a token on a GPU is bound by launches
+                flat = torch.addmm(result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]) @ a_t, b_t)
+                return flat.view(result.shape)
+            delta = x.to(a_t.dtype) @ a_t @ b_t
+            return result + delta.to(result.dtype)
         base_result, base_out = result, None
         for name, w in self.active.items():
             adapter = self.adapters[name]
@@ -55,10 +58,10 @@ class LoraLayer(nn.Module):
     def pack(self) -> None:
         """For inference: the active mix as one low-rank pair, A = [A_1; A_2; ...] stacked and
         B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] side by side, so any mix costs two matmuls, like one
-        adapter of the summed rank. Kept transposed and in the adapters' dtype: on a CPU without
-        native bf16 that runs one token's two products about 2.7x faster than bf16 factors
-        (``x @ A^T @ B^T`` reading both in order). Not done where a variant is not of that form
-        (DoRA, VeRA).
+        adapter of the summed rank. Kept transposed, on a CPU in the adapters' dtype: without native
+        bf16 that runs one token's two products about 2.7x faster than bf16 factors (``x @ A^T @ B^T``
+        reading both in order); on a GPU in the base's, so that the pair adds two kernels to a layer,
+        not five with the casts. Not done where a variant is not of that form (DoRA, VeRA).
         Whatever changes the adapters or the mix drops the pack (``lora.model``); training never packs."""
         pairs = [self.adapters[name].factors() for name in self.active]
         if not pairs or any(pair is None for pair in pairs):
@@ -67,7 +70,9 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             a = torch.cat([factor_a for factor_a, _ in pairs])
             b = torch.cat([w * factor_b for (_, factor_b), w in zip(pairs, self.active.values())], dim=1)
-        self.packed = (a.T.contiguous(), b.T.contiguous())
+        base_dtype = self.base_layer.weight.dtype
+        dtype = base_dtype if a.device.type != "cpu" and base_dtype.is_floating_point else a.dtype
+        self.packed = (a.T.to(dtype).contiguous(), b.T.to(dtype).contiguous())
 
     # ----------------------------------------------------------------------------------- merge
     def _weight_param(self) -> torch.Tensor:
