@@ -30,26 +30,31 @@ def tiny_model(kind: str, seed: int = 0):
     return model.eval()
 
 
-def adapter_grads_plain_and_fused(build, ids):
-    """The adapter gradients of two models from ``build()``, the second one ``fuse``d before its adapter
-    (LoRA rank 4, dropout 0.1, every linear layer, random B) is attached; same seeds for both."""
+def adapter_grads(model, ids, *, fused: bool, checkpointing: bool = False):
+    """``model``'s adapter gradients, ``fuse``d (or not) before its adapter (LoRA rank 4, dropout 0.1,
+    every linear layer, random B) is attached, with or without gradient checkpointing; fixed seeds, so
+    that two calls differ only in those choices. Returns (gradients by name, what fuse swapped)."""
     from lora_app.lora import LoraConfig, adapter_modules, add_adapter
     from lora_app.training.fused import fuse
 
-    grads, swapped = [], None
-    for fused in (False, True):
-        model = build()
-        if fused:
-            swapped = fuse(model)
-        torch.manual_seed(0)
-        add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
-        torch.manual_seed(1)
-        for adapter in adapter_modules(model, "a").values():
-            torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)  # B = 0 would give A no gradient
-        torch.manual_seed(3)
-        model.train()(input_ids=ids, labels=ids).loss.backward()
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
-    return grads[0], grads[1], swapped
+    swapped = fuse(model) if fused else None
+    torch.manual_seed(0)
+    add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
+    torch.manual_seed(1)
+    for adapter in adapter_modules(model, "a").values():
+        torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)  # B = 0 would give A no gradient
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(3)
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}, swapped
+
+
+def adapter_grads_plain_and_fused(build, ids):
+    """The adapter gradients of two models from ``build()``, the second one ``fuse``d (``adapter_grads``)."""
+    plain, _ = adapter_grads(build(), ids, fused=False)
+    fused, swapped = adapter_grads(build(), ids, fused=True)
+    return plain, fused, swapped
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

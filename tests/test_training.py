@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import adapter_grads_plain_and_fused, save_tiny, tiny_model
+from conftest import adapter_grads, adapter_grads_plain_and_fused, save_tiny, tiny_model
 from lora_app.training.batches import padding_share, plan_batches
 from lora_app.errors import TrainConfigError, TrainingError
 from lora_app.training.config import TrainConfig
@@ -247,23 +247,9 @@ def test_checkpointed_layers_recompute_the_same_masks_and_rebuilds():
     """Gradient checkpointing recomputes each layer in the backward pass: the adapters' dropout masks
     (their seeds come from the generator checkpointing restores) and the rebuilt inputs must come out as
     in the forward pass, so the gradients equal those of the run that kept everything."""
-    from lora_app.lora import LoraConfig, adapter_modules, add_adapter
-    from lora_app.training.fused import fuse
-
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    grads = []
-    for checkpointing in (False, True):
-        model = tiny_model("llama")
-        fuse(model)
-        torch.manual_seed(0)
-        add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
-        for adapter in adapter_modules(model, "a").values():
-            torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        torch.manual_seed(3)
-        model.train()(input_ids=ids, labels=ids).loss.backward()
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    grads = [adapter_grads(tiny_model("llama"), ids, fused=True, checkpointing=checkpointing)[0]
+             for checkpointing in (False, True)]
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name

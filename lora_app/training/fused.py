@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lora_app.lora.functional import Rebuild
+from lora_app.lora.quant import dequantize_4bit
 
 
 def rms_norm(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -83,12 +84,11 @@ def _gated_mlp_forward(self, x):
 
 class Linear4bitFunction(torch.autograd.Function):
     """``x W^T + b`` for a frozen 4-bit weight W (bitsandbytes ``Linear4bit``), dequantized for the
-    product and again for x's gradient. bitsandbytes' own forward runs four Python layers and, with
-    double quantization, dequantizes the per-block scales again at every call, forward and backward:
-    on a GPU, where a step is bound by how fast the CPU issues kernels, QLoRA paid for it in speed.
-    Here the scales are dequantized once (``module.lora_absmax``, fp32: 4 bytes per 64 weights, 0.06
-    bytes a weight more than double quantization keeps) and a call is one node. With the rebuilt
-    inputs above, the studio's QLoRA went from 5,993 to 8,359 useful tokens/s on an H200 (README)."""
+    product and again for x's gradient (``lora.quant.dequantize_4bit``: its scales dequantized once).
+    bitsandbytes' own forward runs four Python layers and, with double quantization, dequantizes the
+    per-block scales again at every call, forward and backward: on a GPU, where a step is bound by how
+    fast the CPU issues kernels, QLoRA paid for it in speed. With the rebuilt inputs above, the studio's
+    QLoRA went from 5,993 to 8,359 useful tokens/s on an H200 (README)."""
 
     @staticmethod
     def forward(ctx, x, module, bias):
@@ -99,21 +99,6 @@ class Linear4bitFunction(torch.autograd.Function):
     def backward(ctx, grad):
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad @ dequantize_4bit(ctx.module, grad.dtype), None, grad_bias
-
-
-def dequantize_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight of a ``Linear4bit`` in ``dtype``, from the per-block scales dequantized once."""
-    state = module.weight.quant_state
-    absmax = getattr(module, "lora_absmax", None)
-    if absmax is None:
-        absmax = state.absmax
-        if state.nested:  # what bitsandbytes' own dequantization computes, once
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32
-            ) + state.offset
-        module.lora_absmax = absmax
-    return torch.ops.bitsandbytes.dequantize_4bit.default(
-        module.weight.data.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, dtype)
 
 
 def _linear_4bit_forward(self, x):
