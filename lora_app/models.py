@@ -156,6 +156,13 @@ def load_model(
         raise ModelLoadError(f"Could not load the weights of '{name_or_path}': {err}") from err
     if qconfig is None:
         model.to(device)
+    for module in model.modules():
+        # On a CPU with AVX512-BF16, bitsandbytes rewrites a 4-bit weight into a layout of its own (and its
+        # scales into bf16) at the first forward pass in eval mode without gradients: a chat reply or a
+        # probe mid-training. Everything here that reads the weight (lora.quant.dequantize_4bit: the
+        # training node, merges, exports, DoRA) reads the standard layout, so the weight stays in it.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -16,29 +16,59 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lora_app.lora.functional import compute_dtype
+
 IGNORE_INDEX = -100
-CHUNK = 1024  # labelled positions projected onto the vocabulary at once (fp32 logits: CHUNK x vocab x 4 bytes)
+GPU_CHUNK = 1024  # labelled positions projected onto the vocabulary at once on a GPU
+# On a CPU, a chunk's workspaces (its logits in the product's dtype and in fp32) stay within this: the
+# passes over them (cast, log-softmax, softmax, cast back) then run in cache rather than from memory,
+# and the workspaces come back from the allocator without fresh pages. On a 2-core AVX512-BF16 EPYC
+# the loss took 0.56 ms a labelled row in a bf16 training step with 1024-row chunks, 0.25 with 170
+# rows; fp32 products are bound by the arithmetic and lose a little below 256 rows.
+CPU_CHUNK_BYTES = 48 * 2**20
+
+
+def chunk_rows(vocab: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Labelled positions projected onto the vocabulary at once, for products in ``dtype``."""
+    if device.type != "cpu":
+        return GPU_CHUNK
+    row_bytes = vocab * (4 if dtype == torch.float32 else 4 + dtype.itemsize)
+    return max(16, CPU_CHUNK_BYTES // row_bytes)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        n = hidden.shape[0]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, n, chunk_size):
-            h = hidden[start:start + chunk_size]
-            logits = (h @ weight.T).float()
-            if bias is not None:
-                logits += bias.float()
-            y = targets[start:start + chunk_size]
-            log_probs = torch.log_softmax(logits, dim=-1)  # one fused pass over the chunk
-            total -= log_probs.gather(1, y[:, None]).sum()
-            if grad is not None:
-                probs = log_probs.exp_()  # softmax, in place: no second vocabulary-sized buffer
-                probs[torch.arange(len(y)), y] -= 1.0
-                grad[start:start + chunk_size] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        dtype = compute_dtype(hidden, weight)  # the head's product runs where autocast would run it
+        weight = weight.to(dtype)
+        n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
+        rows = min(n, chunk_size)
+        # two workspaces that every chunk reuses: the product in its dtype, and fp32 log-probabilities
+        # (computed in place, then turned into the softmax in place)
+        logits = torch.empty((rows, vocab), dtype=dtype, device=device)
+        log_probs = logits if dtype == torch.float32 else torch.empty((rows, vocab), dtype=torch.float32, device=device)
+        grad = torch.empty((n, hidden.shape[1]), dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        with torch.autocast(device.type, enabled=False):  # out= products: every operand is cast already
+            for start in range(0, n, chunk_size):
+                h = hidden[start:start + chunk_size].to(dtype)
+                y = targets[start:start + chunk_size]
+                m = len(y)
+                torch.mm(h, weight.T, out=logits[:m])
+                lp = log_probs[:m]
+                if lp is not logits:
+                    lp.copy_(logits[:m])
+                if bias is not None:
+                    lp += bias.float()
+                torch.log_softmax(lp, dim=-1, out=lp)
+                total -= lp.gather(1, y[:, None]).sum()
+                if grad is not None:
+                    probs = lp.exp_()
+                    probs[torch.arange(m, device=device), y] -= 1.0
+                    if probs is not logits:
+                        probs = logits[:m].copy_(probs)
+                    torch.mm(probs, weight, out=grad[start:start + m])
+        ctx.save_for_backward(grad.to(hidden.dtype) if grad is not None else hidden.new_empty(0))
         ctx.n = n
         return total / n
 
@@ -49,7 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         bias: torch.Tensor | None = None, chunk_size: int = CHUNK) -> tuple[torch.Tensor, int]:
+                         bias: torch.Tensor | None = None, chunk_size: int | None = None) -> tuple[torch.Tensor, int]:
     """Mean next-token loss of ``hidden`` (batch, seq, d) through the head ``weight`` (vocab, d)
     against ``labels`` (batch, seq) in the transformers convention (position t predicts labels[t+1];
     -100 is ignored). Returns (loss, number of predicted tokens)."""
@@ -59,6 +89,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if count == 0:
         return hidden.sum() * 0.0, 0
     selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+    chunk_size = chunk_size or chunk_rows(weight.shape[0], hidden.device, compute_dtype(hidden, weight))
     return _LinearCrossEntropy.apply(selected, weight.detach(), None if bias is None else bias.detach(),
                                      targets[keep], chunk_size), count
 

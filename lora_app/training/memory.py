@@ -26,7 +26,7 @@ from lora_app.errors import TargetError
 from lora_app.hardware import Precision
 from lora_app.lora import LoraConfig, add_adapter, count_parameters
 from lora_app.models import load_config, meta_model
-from lora_app.training.loss import CHUNK as LOSS_CHUNK
+from lora_app.training.loss import chunk_rows
 
 # 4-bit: NF4 with double quantization keeps ~0.53 bytes a weight, and training adds the per-block
 # scales dequantized once (training/fused.py: 4 bytes per 64 weights)
@@ -101,7 +101,9 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
         per_token = 4 * hidden * act_bytes * layers + one_layer
     else:
         per_token = kept * layers + one_layer
-    activations = tokens * per_token + min(tokens, LOSS_CHUNK) * vocab * 4 * 2
+    # the loss's workspaces: a chunk of logits in the product's dtype and in fp32 (one buffer in fp32)
+    loss_rows = min(tokens, chunk_rows(vocab, torch.device(device), precision.dtype))
+    activations = tokens * per_token + loss_rows * vocab * (4 if act_bytes == 4 else 4 + act_bytes)
     if device == "cpu":
         activations *= CPU_HELD_FACTOR
     # A quantized base is loaded in full precision first; on a CPU the freed copy stays with the process
