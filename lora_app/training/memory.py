@@ -93,14 +93,17 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
             tokens = min(tokens, max(budget, config.seq_len))
     # What autograd keeps per token and layer, counted with saved-tensor hooks on Llama shapes (fused
     # norms and MLP, one node per LoRA layer, adapters rebuilding their inputs, see training/fused.py and
-    # lora/functional.py): the two norms' inputs, q, k, v and the attention's output (about 5
-    # hidden-size vectors), gate and up. The backward pass of one layer holds a few more at once.
-    kept = (5 * hidden + 2 * inter) * act_bytes
+    # lora/functional.py): the two norms' inputs, q, k, v and the attention's output, gate and up. A
+    # batch with padding or packed rows has an attention mask, and then transformers repeats k and v to
+    # every head (6 hidden-size vectors in all) and torch's attention keeps a copy of the mask in the
+    # activations' dtype in every layer (measured: default model, 964 packed tokens, bf16: 44 and 53
+    # MiB). The backward pass of one layer holds a few more at once.
+    kept = (6 * hidden + 2 * inter) * act_bytes
     one_layer = kept + (8 * hidden + 4 * inter) * act_bytes
     if config.gradient_checkpointing:  # measured: about four hidden-size vectors per layer stay alive
         per_token = 4 * hidden * act_bytes * layers + one_layer
-    else:
-        per_token = kept * layers + one_layer
+    else:  # with a row of the mask a layer
+        per_token = (kept + min(tokens, config.seq_len) * act_bytes) * layers + one_layer
     # the loss's workspaces: a chunk of logits in the product's dtype and in fp32 (one buffer in fp32)
     loss_rows = min(tokens, chunk_rows(vocab, torch.device(device), precision.dtype))
     activations = tokens * per_token + loss_rows * vocab * (4 if act_bytes == 4 else 4 + act_bytes)
