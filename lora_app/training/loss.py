@@ -28,12 +28,17 @@ GPU_CHUNK = 1024  # labelled positions projected onto the vocabulary at once on 
 CPU_CHUNK_BYTES = 48 * 2**20
 
 
+def workspace_row_bytes(vocab: int, dtype: torch.dtype) -> int:
+    """Bytes of the loss's workspaces per projected position, for products in ``dtype``: the logits in
+    ``dtype`` and fp32 log-probabilities (one buffer when ``dtype`` is fp32)."""
+    return vocab * (4 if dtype == torch.float32 else 4 + dtype.itemsize)
+
+
 def chunk_rows(vocab: int, device: torch.device, dtype: torch.dtype) -> int:
     """Labelled positions projected onto the vocabulary at once, for products in ``dtype``."""
     if device.type != "cpu":
         return GPU_CHUNK
-    row_bytes = vocab * (4 if dtype == torch.float32 else 4 + dtype.itemsize)
-    return max(16, CPU_CHUNK_BYTES // row_bytes)
+    return max(16, CPU_CHUNK_BYTES // workspace_row_bytes(vocab, dtype))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -26,7 +26,7 @@ from lora_app.errors import TargetError
 from lora_app.hardware import Precision
 from lora_app.lora import LoraConfig, add_adapter, count_parameters
 from lora_app.models import load_config, meta_model
-from lora_app.training.loss import chunk_rows
+from lora_app.training.loss import chunk_rows, workspace_row_bytes
 
 # 4-bit: NF4 with double quantization keeps ~0.53 bytes a weight, and training adds the per-block
 # scales dequantized once (training/fused.py: 4 bytes per 64 weights)
@@ -104,9 +104,8 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
         per_token = 4 * hidden * act_bytes * layers + one_layer
     else:  # with a row of the mask a layer
         per_token = (kept + min(tokens, config.seq_len) * act_bytes) * layers + one_layer
-    # the loss's workspaces: a chunk of logits in the product's dtype and in fp32 (one buffer in fp32)
     loss_rows = min(tokens, chunk_rows(vocab, torch.device(device), precision.dtype))
-    activations = tokens * per_token + loss_rows * vocab * (4 if act_bytes == 4 else 4 + act_bytes)
+    activations = tokens * per_token + loss_rows * workspace_row_bytes(vocab, precision.dtype)
     if device == "cpu":
         activations *= CPU_HELD_FACTOR
     # A quantized base is loaded in full precision first; on a CPU the freed copy stays with the process
