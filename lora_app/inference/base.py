@@ -21,6 +21,7 @@ from pathlib import Path
 from lora_app.hardware import Precision
 from lora_app.inference.cache import AdapterCache, AdapterInfo
 from lora_app.inference.compare import ComparisonResult, comparison_modes
+from lora_app.inference.blocked import BlockedLinear, folded_adapters
 from lora_app.errors import InferenceError
 from lora_app.inference.export import write_merged
 from lora_app.inference.gguf_export import GgufExport, export_gguf, write_adapter_gguf
@@ -58,6 +59,8 @@ class LoadedBase:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._mode = Mode.base()
         self._packed = False  # see _locked_ready
+        self._groups = list(dict.fromkeys(m.group for m in model.modules() if isinstance(m, BlockedLinear)))
+        self._deltas, self._folded = {}, set()  # the packed mode's adapters in the groups: see _locked_ready
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ state
@@ -146,17 +149,38 @@ class LoadedBase:
         if mode.merged:
             merge_adapters(self.model, layers=self.cache.layers())
         self._mode, self._packed = mode, False
+        self._locked_reblock()
+
+    def _locked_reblock(self) -> None:
+        """Remake the blocked copies of the weights that a merge or unmerge changed
+        (``blocked.LinearGroup``): part of the switch, not of the next reply's first token."""
+        for group in self._groups:
+            group.blocked_weight()
 
     def _locked_ready(self) -> Callable[[], None]:
         """Before generating. Unmerged: each layer's adapters as one low-rank pair (``LoraLayer.pack``),
-        so one adapter costs a few percent of a token and a mix little more; done here, once per mode,
-        not when switching: it takes tens of milliseconds and a switch should take one. Merged, or
-        the base: the wrappers step aside (``bypass_idle``), so the model runs as one that never had
-        adapters. Returns what puts them back, to be called before the lock is released."""
-        if not self._packed and not self._mode.merged and self._mode.adapters:
-            pack_adapters(self.model, layers=self.cache.layers())
+        so one adapter costs a few percent of a token and a mix little more; with blocked weights
+        (``blocked``) each group of layers then adds its members' pairs itself and their wrappers
+        step aside. Done here, once per mode, not when switching: it takes tens of milliseconds
+        and a switch should take one. Merged, or the base: the wrappers step aside (``bypass_idle``),
+        so the model runs as one that never had adapters. Returns what puts them back, to be called
+        before the lock is released."""
+        if not self._packed:
+            self._deltas, self._folded = {}, set()
+            if not self._mode.merged and self._mode.adapters:
+                pack_adapters(self.model, layers=self.cache.layers())
+                self._deltas, self._folded = folded_adapters(self.cache.layers_by_path())
         self._packed = True
-        return bypass_idle(self.model, self.cache.layers_by_path())
+        for group, delta in self._deltas.items():
+            group.delta = delta
+        self._locked_reblock()  # for the deltas, and loading an adapter under merged weights unmerges and merges again
+        restore_wrappers = bypass_idle(self.model, self.cache.layers_by_path(), folded=self._folded)
+
+        def restore() -> None:
+            restore_wrappers()
+            for group in self._deltas:
+                group.delta = None
+        return restore
 
     @contextmanager
     def _locked_unmerged(self):

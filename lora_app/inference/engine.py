@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lora_app.inference.base import BaseKey, LoadedBase
+from lora_app.inference import blocked
 from lora_app.inference.decode import column_major, fp32_prompt_passes
 from lora_app.inference.devices import choose_device
 from lora_app.errors import InferenceError
@@ -106,6 +107,8 @@ class InferenceEngine:
             column_major(loaded_model)
             if key.precision.fp32_prompts:
                 fp32_prompt_passes(loaded_model)
+            elif blocked.supported():
+                blocked.blocked_weights(loaded_model)
             base = LoadedBase(key, loaded_model, tokenizer, adapter_budget_bytes=self.adapter_budget_bytes,
                               unzip_root=self.work_dir / "unzipped")
             self._bases[key] = base

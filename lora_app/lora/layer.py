@@ -44,8 +44,9 @@ class LoraLayer(nn.Module):
             if x.dtype == a_t.dtype == result.dtype:  # two kernels: a token on a GPU is bound by launches
                 flat = torch.addmm(result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]) @ a_t, b_t)
                 return flat.view(result.shape)
-            delta = x.to(a_t.dtype) @ a_t @ b_t
-            return result + delta.to(result.dtype)
+            rows = x.reshape(-1, x.shape[-1]).to(a_t.dtype)
+            result.view(-1, result.shape[-1]).add_(rows @ a_t @ b_t)  # adds and casts in one kernel
+            return result
         base_result, base_out = result, None
         for name, w in self.active.items():
             adapter = self.adapters[name]
@@ -108,12 +109,12 @@ class LoraLayer(nn.Module):
             param = self._weight_param()
             new = self.merged_weight()
             original = param.data.clone()
-            param.data.copy_((new.T if is_conv1d(self.base_layer) else new).to(param.dtype))
+            param.copy_((new.T if is_conv1d(self.base_layer) else new).to(param.dtype))  # moves its version
         self.merged = original
 
     def unmerge(self) -> None:
         if self.merged is None:
             return
         with torch.no_grad():
-            self._weight_param().data.copy_(self.merged)
+            self._weight_param().copy_(self.merged)
         self.merged = None

@@ -12,7 +12,7 @@ attached or detached.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 
 from torch import nn
 
@@ -161,16 +161,18 @@ def pack_adapters(model: nn.Module, layers: Iterable[LoraLayer] | None = None) -
         layer.pack()
 
 
-def bypass_idle(model: nn.Module, layers: dict[str, LoraLayer] | None = None) -> Callable[[], None]:
+def bypass_idle(model: nn.Module, layers: dict[str, LoraLayer] | None = None,
+                folded: Container[str] = ()) -> Callable[[], None]:
     """For inference: every wrapper with nothing to add (merged, or no adapter active) is replaced in
     its parent by the layer it wraps, so the model runs exactly as one that never had adapters (a
     wrapper's call costs about 3 us, 1-2 % of a small model's token on a CPU). ``layers``: the
-    wrappers by path (default: found by walking the model). Returns the function that puts them
-    back; until it is called, code that looks for wrappers (attaching, removing, saving, merging
-    through the model) must not run, so call both under the same lock."""
+    wrappers by path (default: found by walking the model); ``folded``: paths of wrappers whose
+    adapters the caller adds some other way (they step aside too). Returns the function that puts
+    them back; until it is called, code that looks for wrappers (attaching, removing, saving,
+    merging through the model) must not run, so call both under the same lock."""
     swapped = []
     for path, layer in (lora_layers(model) if layers is None else layers).items():
-        if layer.merged is not None or not layer.active:
+        if layer.merged is not None or not layer.active or path in folded:
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, layer.base_layer)
