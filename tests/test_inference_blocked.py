@@ -10,9 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import save_tiny, tiny_model
-from test_inference_support import make_adapter
+from test_inference_support import GREEDY, make_adapter
 from lora_app.inference import InferenceEngine, Mode, blocked
-from lora_app.inference.blocked import BlockedLinear, blocked_weights
+from lora_app.inference.blocked import BlockedLinear, TokenStep, blocked_weights
+from lora_app.inference.decode import TokenLoop
 from lora_app.lora import load_adapter, merge_adapters, set_active_adapters, unmerge_adapters
 
 needs_kernels = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
@@ -96,3 +97,49 @@ def test_a_weight_written_in_place_is_blocked_again():
         with torch.no_grad():
             layer.weight.mul_(2)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight))
+
+
+def generated_logits(base, mode, monkeypatch, short_way: bool) -> tuple[list[torch.Tensor], list]:
+    """Every token's logits of a 12-token greedy reply in ``mode``, and the steps the loop took."""
+    seen, steps = [], []
+    next_token = TokenLoop._next
+    after_prompt = TokenStep.after_prompt.__func__
+
+    def spy_next(self, logits, *args):
+        seen.append(logits.float().clone())
+        return next_token(self, logits, *args)
+
+    def spy_after_prompt(cls, *args):
+        steps.append(after_prompt(cls, *args) if short_way else None)
+        return steps[-1]
+
+    monkeypatch.setattr(TokenLoop, "_next", spy_next)
+    monkeypatch.setattr(TokenStep, "after_prompt", classmethod(spy_after_prompt))
+    base.generate("hello there", settings=GREEDY.with_(max_new_tokens=12, min_new_tokens=12), mode=mode)
+    monkeypatch.undo()
+    return seen, steps
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tokens_after_the_prompt_take_the_short_way_to_the_same_logits(tmp_path, kind, monkeypatch):
+    folder = save_tiny(kind, tmp_path / kind)
+    a = make_adapter(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "a", 1)
+    dora = make_adapter(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "dora", 2, variant="dora")
+    base = InferenceEngine(device="cpu", dtype=torch.bfloat16, work_dir=tmp_path / "w").base(str(folder))
+    a, dora = base.load_adapter(a), base.load_adapter(dora)
+    for mode in (None, Mode.of(a), Mode.of(a, merged=True), Mode.of(dora)):
+        short, steps = generated_logits(base, mode, monkeypatch, short_way=True)
+        assert (steps[0] is not None) == (mode != Mode.of(dora))  # a DoRA wrapper stays: the model's own forward
+        plain, _ = generated_logits(base, mode, monkeypatch, short_way=False)
+        assert len(short) == len(plain) == 12
+        for got, expected in zip(short, plain):
+            torch.testing.assert_close(got[:, -1], expected[:, -1], rtol=0, atol=0)
+
+
+@needs_kernels
+def test_other_model_kinds_keep_their_own_forward(tmp_path, monkeypatch):
+    folder = save_tiny("gpt2", tmp_path / "gpt2")
+    base = InferenceEngine(device="cpu", dtype=torch.bfloat16, work_dir=tmp_path / "w").base(str(folder))
+    _, steps = generated_logits(base, None, monkeypatch, short_way=True)
+    assert steps == [None]

@@ -11,7 +11,10 @@ Layers that read the same input (an attention's q, k and v; an MLP's gate and up
 faster, 2.1 ms less per token of SmolLM2-135M. The first member called computes the group's output
 and the others take their columns of it. In an unmerged mode the group also adds its members'
 adapters, as one low-rank pair for the whole group (``LinearGroup.delta``), and their LoRA wrappers
-step aside; that costs 4 small products per group instead of 5 per adapted layer.
+step aside: A joins the blocked weight, so what is left is one small product (by B) per group.
+
+After the prompt, a token of a Llama-family model takes a shorter way than the model's forward
+(``TokenStep``): the same operations, called directly.
 
 The blocked copy is remade whenever a member's weight changed: merging an adapter writes into the
 weight in place, which moves its version counter (``LoraLayer.merge`` writes through the parameter,
@@ -21,7 +24,9 @@ never through ``.data``, for this reason), and moving the model gives it new sto
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lora_app.hardware import native_bf16_cpu
 from lora_app.lora import LoraLayer
@@ -48,9 +53,9 @@ class LinearGroup:
     def output(self, member: "BlockedLinear", x: torch.Tensor) -> torch.Tensor:
         """``member``'s columns of the group's output for ``x``, computed once for all members."""
         if len(self.members) == 1:
-            return self._compute(x)
+            return self.compute(x)
         if self._input is not x:  # (the members are called one after the other on the same tensor)
-            self._input, self._output = x, self._compute(x)
+            self._input, self._output = x, self.compute(x)
             self._waiting = len(self.members)
         columns = self._output[..., member.columns]
         self._waiting -= 1
@@ -58,7 +63,8 @@ class LinearGroup:
             self._input = self._output = None
         return columns
 
-    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole group's output for ``x``, its members' columns side by side."""
         y = torch.ops.mkldnn._linear_pointwise(x, self.blocked_weight(), self._bias, "none", [], "")
         if self.delta is None:
             return y
@@ -152,3 +158,69 @@ def folded_adapters(wrappers: dict[str, LoraLayer]) -> tuple[dict[LinearGroup, t
             pairs.setdefault(base.group, {})[base] = wrapper.packed
             folded.add(path)
     return {group: group.stacked_pair(members) for group, members in pairs.items()}, folded
+
+
+class TokenStep:
+    """One token at a time through a Llama-family model whose linear layers are all blocked and in
+    place (no LoRA wrapper left between them: see ``LoadedBase._locked_ready``), calling the model's
+    own norms, rotary embedding, activation and the groups directly, with keys and values in a
+    cache allotted once. The same operations as the model's forward for one token, so the same
+    logits to the bit (tested), without what that forward spends around them (module calls, masks,
+    keyword plumbing, a cache that is concatenated again for every token): 1.14-1.22x per token of
+    SmolLM2 (``bench/bench_inference.py``).
+
+    Made by ``TokenStep.after_prompt`` once the prompt has gone through the model's own forward."""
+
+    MODEL_TYPES = ("llama", "qwen2")  # the same decoder layer: q/k/v (qwen2 with biases), o, gate/up, down
+    PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+    @classmethod
+    def after_prompt(cls, model: nn.Module, cache, room: int) -> "TokenStep | None":
+        """The step for ``model`` continuing from ``cache`` (a ``DynamicCache`` holding the prompt),
+        with room for ``room`` positions in all; None where the model is not of that kind."""
+        config = model.config
+        full = all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+        if config.model_type not in cls.MODEL_TYPES or not full or not isinstance(model.lm_head, BlockedLinear):
+            return None
+        layers = model.model.layers
+        if not all(isinstance(layer.get_submodule(path), BlockedLinear) for layer in layers for path in cls.PROJECTIONS):
+            return None
+        return cls(model, cache, room)
+
+    def __init__(self, model: nn.Module, cache, room: int):
+        self.model, self.layers = model.model, model.model.layers
+        self.lm_head = model.lm_head.group
+        attention = self.layers[0].self_attn
+        self.heads = model.config.num_attention_heads
+        self.kv_heads, self.head_dim = model.config.num_key_value_heads, attention.head_dim
+        self.position = cache.get_seq_length()
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            for stored, rooms in ((layer.keys, self.keys), (layer.values, self.values)):
+                spare = stored.new_empty(*stored.shape[:-2], room, stored.shape[-1])
+                spare[..., :self.position, :] = stored
+                rooms.append(spare)
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """The logits (1, 1, vocabulary) for one more token ``ids`` (1, 1)."""
+        x = self.model.embed_tokens(ids)
+        cos, sin = self.model.rotary_emb(x, torch.tensor([[self.position]], device=ids.device))
+        at, end = self.position, self.position + 1
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            attention, mlp = layer.self_attn, layer.mlp
+            qkv = attention.q_proj.group.compute(layer.input_layernorm(x))
+            q, k, v = (part.view(1, 1, -1, self.head_dim).transpose(1, 2)
+                       for part in qkv.split([q_width, kv_width, kv_width], dim=-1))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys[..., at:end, :], values[..., at:end, :] = k, v
+            a = F.scaled_dot_product_attention(q, keys[..., :end, :], values[..., :end, :], scale=attention.scaling,
+                                               enable_gqa=True)  # as transformers' sdpa attention calls it
+            x = x + attention.o_proj.group.compute(a.transpose(1, 2).reshape(1, 1, q_width))
+            gate_up = mlp.gate_proj.group.compute(layer.post_attention_layernorm(x))
+            gate, up = gate_up[..., :mlp.gate_proj.out_features], gate_up[..., mlp.gate_proj.out_features:]
+            x = x + mlp.down_proj.group.compute(mlp.act_fn(gate) * up)
+        self.position = end
+        return self.lm_head.compute(self.model.norm(x))

@@ -10,6 +10,7 @@ own ``torch.Generator``, so two streams never touch each other's random state.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
@@ -28,6 +29,7 @@ from transformers.generation.logits_process import (
 )
 
 from lora_app.hardware import attention_kernels
+from lora_app.inference.blocked import TokenStep
 from lora_app.inference.settings import GenerationSettings
 
 
@@ -101,10 +103,13 @@ class TokenLoop:
         self._keep_one = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @torch.inference_mode()
-    def _next(self, ids: torch.Tensor, cache, processors, generator, all_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, cache, ids: torch.Tensor) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if self._keep_one else {}
         with attention_kernels(ids.device.type):  # every token has a new key length
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits
+            return self.model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits
+
+    @torch.inference_mode()
+    def _next(self, logits: torch.Tensor, processors, generator, all_ids: torch.Tensor) -> torch.Tensor:
         scores = processors(all_ids, logits[:, -1].to(dtype=torch.float32, copy=True))
         if self.settings.greedy:
             return scores.argmax(dim=-1)
@@ -122,9 +127,12 @@ class TokenLoop:
             else:
                 generator.manual_seed(self.settings.seed)
         cache = DynamicCache(config=self.model.config)
+        forward = functools.partial(self._forward, cache)
         all_ids, step_ids = input_ids, input_ids
-        for _ in range(self.settings.max_new_tokens):
-            token = self._next(step_ids, cache, processors, generator, all_ids)
+        for n in range(self.settings.max_new_tokens):
+            token = self._next(forward(step_ids), processors, generator, all_ids)
+            if n == 0:  # the prompt went through the model's forward; the tokens may take a shorter way
+                forward = TokenStep.after_prompt(self.model, cache, prompt_len + self.settings.max_new_tokens) or forward
             step_ids = token[:, None]
             all_ids = torch.cat([all_ids, step_ids], dim=-1)
             value = int(token)
