@@ -13,9 +13,11 @@ process so its peak RSS is its own:
     ours    the studio's `train` with its default settings (precision auto)
     qlora   the same with the base quantized to 4 bits (NF4)
 
-Printed per side: useful tokens/s (non-padding tokens that carry a label, per second of the training
-loop), peak RSS, the mean training loss over the epoch (the mean of the steps' losses, as the Trainer
-reports it), and the ratios to the peer. The first line names the CPU and its bf16.
+The studio's sides run on the allocator its training commands use (jemalloc where the machine has
+it, see ``lora_app.allocator``), the peer on the C library's, as its recipe runs. Printed per side:
+useful tokens/s (non-padding tokens that carry a label, per second of the training loop), peak RSS,
+the mean training loss over the epoch (the mean of the steps' losses, as the Trainer reports it), the
+allocator, and the ratios to the peer. The first line names the CPU and its bf16.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 TARGETS = "q_proj,k_proj,v_proj,o_proj"
 sys.path.insert(0, str(ROOT))
 
+from lora_app import allocator  # noqa: E402
+
 
 def run_ours(args) -> dict:
     import tempfile
@@ -51,6 +55,7 @@ def run_ours(args) -> dict:
         summary = train(config, Callbacks(log=lambda text: None,
                                           on_log=lambda step, values: losses.append(values["loss"]))).summary
     return dict(useful_tokens_per_second=summary["useful_tokens_per_second"], train_tokens=summary["train_tokens"],
+                allocator=allocator.in_use(),
                 seconds=summary["wall_seconds"], peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 mean_loss=sum(losses) / len(losses), precision=summary["precision"])
 
@@ -100,7 +105,7 @@ def run_peer(args) -> dict:
     seconds = timing["end"] - timing["start"]
     return dict(useful_tokens_per_second=counted["tokens"] / seconds, train_tokens=counted["tokens"], seconds=seconds,
                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                mean_loss=result.training_loss, precision=args.precision)
+                mean_loss=result.training_loss, precision=args.precision, allocator=allocator.in_use())
 
 
 def side(name: str, args) -> dict:
@@ -109,7 +114,10 @@ def side(name: str, args) -> dict:
                "--precision", args.peer_precision if name == "peer" else args.precision, "--steps", str(args.steps)]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
-    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if name != "peer":  # the allocator the studio's training commands run on (the peer's recipe: the C library's)
+        env = allocator.environment(env)
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -156,7 +164,8 @@ def main() -> None:
         speed, rss = r["useful_tokens_per_second"], r["peak_rss_bytes"]
         print(f"{name:5s} {r['precision']:5s} useful tokens/s {speed:7.1f} ({speed / peer['useful_tokens_per_second']:.2f}x)"
               f"  peak RSS {rss / 2**30:5.2f} GiB ({rss / peer['peak_rss_bytes']:.2f}x)"
-              f"  mean loss {r['mean_loss']:.3f}  ({r['train_tokens']} tokens in {r['seconds']:.1f} s)")
+              f"  mean loss {r['mean_loss']:.3f}  ({r['train_tokens']} tokens in {r['seconds']:.1f} s; "
+              f"memory from {r['allocator']})")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ comes back at once, without loading torch or gradio.
 import importlib
 import sys
 
+from lora_app import allocator
+
+TRAINING = ("train", "sweep", "plan")  # commands that train, and so run on jemalloc where the machine has it
 # command -> (the module whose main(argv) runs it, argv starting with the command; what it does)
 COMMANDS = {
     "train": ("lora_app.training.cli", "train a LoRA adapter (the run is recorded where the studio shows it)"),
@@ -29,13 +32,17 @@ def usage() -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``argv`` None: this process's own arguments (a training command may then start the process
+    again on jemalloc: see ``allocator``); a list: run that command here, as it is."""
+    program, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    if program and argv[0] in TRAINING:
+        allocator.relaunch(argv)
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv)
 

@@ -487,6 +487,34 @@ def test_token_budget_changes_memory_not_the_update(tiny_llama, qa_data, tmp_pat
     assert curves[0] == pytest.approx(curves[1], rel=same_update_rel())
 
 
+def test_on_a_cpu_in_bf16_micro_batches_are_padded_to_few_widths(tiny_llama, qa_data, tmp_path, monkeypatch):
+    """oneDNN keeps memory for every shape it meets in bf16; rounded widths keep the shapes few. The
+    padding carries no label and no attention, so the update is the same as unpadded (fp32 here)."""
+    from lora_app.hardware import Precision
+    from lora_app.training import trainer
+    from lora_app.training.batches import padded_width
+
+    assert padded_width([5, 17], 16) == 32 and padded_width([32], 16) == 32 and padded_width([7], 1) == 7
+    assert padded_width([250], 16, limit=250) == 250  # never past the sequence length...
+    assert padded_width([300], 16, limit=250) == 300  # ...unless a row already is
+    assert trainer.width_multiple("cpu", Precision("bf16", "")) == trainer.CPU_BF16_WIDTH_MULTIPLE
+    assert trainer.width_multiple("cpu", Precision("fp32", "")) == trainer.width_multiple("cuda", Precision("bf16", "")) == 1
+
+    widths, real_collate = [], trainer.collate
+    monkeypatch.setattr(trainer, "collate", lambda rows, pad, width=None: widths.append(width) or real_collate(rows, pad, width))
+    curves = []
+    for multiple in (1, 16):
+        monkeypatch.setattr(trainer, "width_multiple", lambda device, precision: multiple)
+        callbacks, logged = quiet()
+        train(config_for(tiny_llama, qa_data, tmp_path / f"run{multiple}", max_steps=3, precision="fp32",
+                         eval_every=2), callbacks)
+        curves.append([values["loss"] for _, values in logged if "loss" in values])
+        if multiple == 16:
+            assert widths and all(width % 16 == 0 for width in widths)
+        widths.clear()
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+
+
 def test_gradients_are_allocated_once_before_the_first_step(tiny_llama, qa_data, tmp_path, monkeypatch):
     from lora_app.training import trainer
 

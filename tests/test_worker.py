@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import save_tiny
+from lora_app import allocator
 from lora_app.training.config import TrainConfig
 from lora_app.training.store import RunStore
 from lora_app.training import worker
@@ -138,6 +139,8 @@ def test_cli_run_is_registered_and_refuses_to_overwrite(setup, tmp_path):
                "--max-steps", "1", "--batch-size", "2", "--seq-len", "64", "--store", str(tmp_path / "store")]
     first = subprocess.run(command, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
+    # the command started itself again on jemalloc where the machine has it (.ci/run installs it)
+    assert f"memory from {'jemalloc' if allocator.jemalloc() else 'the C library'}" in first.stdout
     (run,) = RunStore(tmp_path / "store").list()
     assert run.status == "completed" and run.summary["steps"] == 1
     second = subprocess.run(command, capture_output=True, text=True)

@@ -80,16 +80,26 @@ def split_by_tokens(indices: list[int], lengths: list[int], batch_size: int, bud
     return chunks
 
 
+def padded_width(lengths: list[int], multiple: int, limit: int | None = None) -> int:
+    """The width rows of these lengths are padded to in one batch: the longest, rounded up to a
+    multiple of ``multiple``, but not past ``limit`` (the sequence length) unless the longest is."""
+    longest = max(lengths)
+    rounded = -(-longest // multiple) * multiple
+    return max(longest, rounded if limit is None else min(rounded, limit))
+
+
 class StepPlan:
     """Which examples each optimizer step trains on: ``grad_accum`` batches of the epoch plans, re-cut
     into micro-batches under the token budget. Depends only on the step number, so a resumed run
     sees exactly the batches it would have seen. ``shrink`` halves the micro-batches after an
-    out-of-memory error: each step keeps its examples, so its update stays the same."""
+    out-of-memory error: each step keeps its examples, so its update stays the same. A micro-batch is
+    padded to ``padded_width`` (a multiple of ``width_multiple``, not past ``limit``)."""
 
     def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, grouped: bool,
-                 shard: tuple[int, int], token_budget: int):
+                 shard: tuple[int, int], token_budget: int, width_multiple: int = 1, limit: int | None = None):
         self.lengths, self.batch_size, self.grad_accum, self.seed = lengths, batch_size, grad_accum, seed
         self.grouped, self.shard, self.token_budget = grouped, shard, token_budget
+        self.width_multiple, self.limit = width_multiple, limit
         self.micro_size = batch_size  # examples per micro-batch
         self.batches_per_epoch = len(self._epoch(0))
         self.steps_per_epoch = max(1, self.batches_per_epoch // grad_accum)
@@ -100,8 +110,12 @@ class StepPlan:
 
     def largest_micro_batch(self) -> int:
         """Padded tokens of the largest micro-batch of the first epoch (what activation memory follows)."""
-        return max((len(chunk) * max(self.lengths[i] for i in chunk)
+        return max((len(chunk) * self.padded_width(chunk)
                     for step in range(self.steps_per_epoch) for chunk in self.micro_batches(step)), default=0)
+
+    def padded_width(self, chunk: list[int]) -> int:
+        """The width the micro-batch of examples ``chunk`` is padded to."""
+        return padded_width([self.lengths[i] for i in chunk], self.width_multiple, self.limit)
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """Example indices of each micro-batch of optimizer step ``step`` (0-based)."""
