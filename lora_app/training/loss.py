@@ -26,6 +26,10 @@ GPU_CHUNK = 1024  # labelled positions projected onto the vocabulary at once on 
 # the loss took 0.56 ms a labelled row in a bf16 training step with 1024-row chunks, 0.25 with 170
 # rows; fp32 products are bound by the arithmetic and lose a little below 256 rows.
 CPU_CHUNK_BYTES = 48 * 2**20
+# The rows projected at once are a multiple of this (the last chunk padded with zero rows, whose loss and
+# gradient are dropped): on a CPU in bf16, oneDNN keeps memory for every product shape it meets, and the
+# labelled positions of a micro-batch are a new count almost every step.
+ROW_MULTIPLE = 16
 
 
 def workspace_row_bytes(vocab: int, dtype: torch.dtype) -> int:
@@ -38,7 +42,7 @@ def chunk_rows(vocab: int, device: torch.device, dtype: torch.dtype) -> int:
     """Labelled positions projected onto the vocabulary at once, for products in ``dtype``."""
     if device.type != "cpu":
         return GPU_CHUNK
-    return max(16, CPU_CHUNK_BYTES // workspace_row_bytes(vocab, dtype))
+    return max(ROW_MULTIPLE, CPU_CHUNK_BYTES // workspace_row_bytes(vocab, dtype) // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -47,15 +51,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = compute_dtype(hidden, weight)  # the head's product runs where autocast would run it
         weight = weight.to(dtype)
         n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
-        rows = min(n, chunk_size)
+        padded = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+        if padded > n:
+            hidden = torch.cat([hidden, hidden.new_zeros(padded - n, hidden.shape[1])])
+            targets = torch.cat([targets, targets.new_zeros(padded - n)])
+        rows = min(padded, chunk_size)
         # two workspaces that every chunk reuses: the product in its dtype, and fp32 log-probabilities
         # (computed in place, then turned into the softmax in place)
         logits = torch.empty((rows, vocab), dtype=dtype, device=device)
         log_probs = logits if dtype == torch.float32 else torch.empty((rows, vocab), dtype=torch.float32, device=device)
-        grad = torch.empty((n, hidden.shape[1]), dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+        grad = torch.empty((padded, hidden.shape[1]), dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=device)
         with torch.autocast(device.type, enabled=False):  # out= products: every operand is cast already
-            for start in range(0, n, chunk_size):
+            for start in range(0, padded, chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)
                 y = targets[start:start + chunk_size]
                 m = len(y)
@@ -66,14 +74,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if bias is not None:
                     lp += bias.float()
                 torch.log_softmax(lp, dim=-1, out=lp)
-                total -= lp.gather(1, y[:, None]).sum()
+                valid = max(n - start, 0)  # the padding rows carry no loss
+                total -= lp[:valid].gather(1, y[:valid, None]).sum()
                 if grad is not None:
                     probs = lp.exp_()
                     probs[torch.arange(m, device=device), y] -= 1.0
                     if probs is not logits:
                         probs = logits[:m].copy_(probs)
                     torch.mm(probs, weight, out=grad[start:start + m])
-        ctx.save_for_backward(grad.to(hidden.dtype) if grad is not None else hidden.new_empty(0))
+        ctx.save_for_backward(grad[:n].to(hidden.dtype) if grad is not None else hidden.new_empty(0))
         ctx.n = n
         return total / n
 
