@@ -22,7 +22,7 @@ seed=0, max_file_bytes=..., txt_split="blank_line", limit=None) -> (Format, trai
     median, p95, max and a histogram as counts and bin edges), ``summary()`` and ``to_html()``
     (trained text marked).
 
-``collate(examples, pad_token_id) -> dict[str, Tensor]``
+``collate(examples, pad_token_id, width=None) -> dict[str, Tensor]``
     Pad a batch to its longest example (labels -100 on padding). Packed batches come with
     ``position_ids`` and no ``attention_mask``: see :mod:`lora_app.data.packing` for why.
 

@@ -110,12 +110,12 @@ class StepPlan:
 
     def largest_micro_batch(self) -> int:
         """Padded tokens of the largest micro-batch of the first epoch (what activation memory follows)."""
-        return max((len(chunk) * self.padded_width(chunk)
+        return max((len(chunk) * self.padded_width([self.lengths[i] for i in chunk])
                     for step in range(self.steps_per_epoch) for chunk in self.micro_batches(step)), default=0)
 
-    def padded_width(self, chunk: list[int]) -> int:
-        """The width the micro-batch of examples ``chunk`` is padded to."""
-        return padded_width([self.lengths[i] for i in chunk], self.width_multiple, self.limit)
+    def padded_width(self, lengths: list[int]) -> int:
+        """The width a batch of rows of these lengths (training or validation) is padded to."""
+        return padded_width(lengths, self.width_multiple, self.limit)
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """Example indices of each micro-batch of optimizer step ``step`` (0-based)."""

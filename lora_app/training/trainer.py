@@ -44,7 +44,7 @@ from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_
 from lora_app.model_source import base_model_id
 from lora_app.models import default_device, eos_token_ids, load_config, load_model, load_tokenizer
 from lora_app.paths import write_json
-from lora_app.training.batches import StepPlan, padded_width
+from lora_app.training.batches import StepPlan
 from lora_app.training.checkpoint import load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig
 from lora_app.training.fused import fuse
@@ -393,11 +393,14 @@ class Recipe:
         self.train_tokens += tokens
         return step_loss, grad_norm, tokens
 
+    def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """``rows`` as one padded batch, as wide as the plan pads."""
+        return collate(rows, self.pad_id, self.plan.padded_width([len(row["input_ids"]) for row in rows]))
+
     def _gradients(self) -> tuple[float, int]:
         """The step's gradients, summed over its micro-batches: (the loss, the mean over the step's
         labelled tokens; the labelled tokens)."""
-        batches = [collate([self.data.train[i] for i in chunk], self.pad_id, self.plan.padded_width(chunk))
-                   for chunk in self.plan.micro_batches(self.step)]
+        batches = [self._collate([self.data.train[i] for i in chunk]) for chunk in self.plan.micro_batches(self.step)]
         tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         step_loss = 0.0
         for i, batch in enumerate(batches):
@@ -467,9 +470,7 @@ class Recipe:
         total, count, size = 0.0, 0, self.config.batch_size
         with torch.no_grad(), self.accelerator.autocast(), attention_kernels(self.device.type):
             for start in range(0, len(self.data.val), size):
-                rows = self.data.val[start:start + size]
-                width = padded_width([len(row["input_ids"]) for row in rows], self.plan.width_multiple, self.plan.limit)
-                batch = _to_device(collate(rows, self.pad_id, width), self.device)
+                batch = _to_device(self._collate(self.data.val[start:start + size]), self.device)
                 loss_sum, n = self.loss_model(**batch)
                 total, count = total + float(loss_sum), count + n
         self.loss_model.train()
