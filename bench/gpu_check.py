@@ -114,9 +114,12 @@ def build_model(shape: str, tokenizer_dir: str, folder: Path) -> Path:
 
 # ---- one training side (runs in a process of its own) ----------------------------------------------
 def train_studio(spec: dict) -> dict:
+    from lora_app.training import trainer
     from lora_app.training.config import TrainConfig
     from lora_app.training.trainer import Callbacks, train
 
+    if not spec.get("grouped", True):  # the ablation: each adapter its own node (lora/group.py)
+        trainer.group_shared_inputs = lambda model: 0
     marks = {}
 
     def on_log(step: int, values: dict) -> None:
@@ -401,6 +404,8 @@ def main() -> int:
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
     p.add_argument("--out-dir", default=None, help="write gpu_check.json and sides.log here")
     p.add_argument("--side-timeout", type=float, default=150, help="seconds one side may take")
+    p.add_argument("--ungrouped", action="store_true",
+                   help="also time the studio with every adapter its own node (what grouping q, k, v and gate, up gains)")
     args = p.parse_args()
     if args.side:
         spec = json.loads(args.side)
@@ -434,8 +439,11 @@ def main() -> int:
         results, deadline = [], time.perf_counter() + args.budget
         print(training_table([])[0], flush=True)
         for shape, gc, mode in [(s, g, m) for s in shapes for g in gcs for m in args.modes.split(",")]:
-            for recipe, side in (("Trainer+peft", "peer"), ("studio", "studio")):
-                spec = dict(common, side=side, model=str(models[shape]), mode=mode, gradient_checkpointing=gc)
+            recipes = [("Trainer+peft", "peer", True), ("studio", "studio", True)]
+            recipes += [("studio ungrp", "studio", False)] if args.ungrouped else []
+            for recipe, side, grouped in recipes:
+                spec = dict(common, side=side, model=str(models[shape]), mode=mode, gradient_checkpointing=gc,
+                            grouped=grouped)
                 outcome = run_side(spec, log, args.side_timeout) if time.perf_counter() < deadline \
                     else dict(error=f"skipped: past the --budget of {args.budget:.0f} s")
                 results.append(dict(shape=shape, mode=mode, gc=gc, recipe=recipe, **outcome))

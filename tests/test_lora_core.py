@@ -12,7 +12,8 @@ from lora_app.lora import (VARIANTS, AdapterLoadError, DeltaLoraUpdater, LoraAda
                            TargetError, adapter_modules, add_adapter, bypass_idle, count_parameters, export_merged, load_adapter,
                            lora_layers, merge_adapters, pack_adapters, param_groups, remove_adapter, resolve_targets, save_adapter,
                            set_active_adapters, set_trainable, unmerge_adapters)
-from lora_app.lora.functional import Rebuild, dropout, lora_forward, mask_generator, new_seed
+from lora_app.lora.functional import Rebuild, dropout, keep_mask, lora_forward, lora_forward_shared, \
+    mask_generator, new_seed
 
 
 def randomize(model, name, scale=0.2, seed=0):
@@ -434,6 +435,39 @@ def test_the_lora_node_has_the_gradients_of_the_plain_expression(p, x_grad):
     frozen_a = a.detach()
     out = lora_forward(base, x, frozen_a, b, 0.5, p)
     assert torch.autograd.grad(out, b, g)[0].shape == b.shape
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_adapters_sharing_an_input_run_as_one_node_with_each_ones_gradients(p, x_grad):
+    """k adapters on one x (q, k and v: outputs of different widths) as one node: each output and every
+    gradient is that of the plain expression with its own mask, the k masks one draw of shape
+    (k, rows, in) from the node's seed; LoRA-FA's frozen A's get none."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=x_grad)
+    widths = (7, 3, 3)
+    bases = [torch.randn(2, 5, w, dtype=torch.float64, requires_grad=True) for w in widths]
+    a = [torch.randn(4, 12, dtype=torch.float64, requires_grad=True) for _ in widths]
+    b = [torch.randn(w, 4, dtype=torch.float64, requires_grad=True) for w in widths]
+    g = [torch.randn(2, 5, w, dtype=torch.float64) for w in widths]
+    inputs = [t for t in (x, *bases, *a, *b) if t.requires_grad]
+    torch.manual_seed(1)
+    outs = lora_forward_shared(bases, x, a, b, 0.5, p)
+    grads = torch.autograd.grad(outs, inputs, g)
+    torch.manual_seed(1)
+    if p:
+        keep, scale = keep_mask((3, 10, 12), x.device, p, mask_generator(x.device, new_seed()))
+        dropped = [(x.reshape(-1, 12) * keep[i] * scale).view(x.shape) for i in range(3)]
+    else:
+        dropped = [x] * 3
+    expected = [base + (d @ a_i.T * 0.5) @ b_i.T for base, d, a_i, b_i in zip(bases, dropped, a, b)]
+    for out, want in zip(outs, expected):
+        assert torch.allclose(out, want)
+    for got, want in zip(grads, torch.autograd.grad(expected, inputs, g)):
+        assert torch.allclose(got, want)
+    frozen = [t.detach() for t in a]
+    outs = lora_forward_shared(bases, x, frozen, b, 0.5, p)
+    assert [t.shape for t in torch.autograd.grad(outs, b, g)] == [t.shape for t in b]
 
 
 def test_a_rebuilt_input_gives_the_gradients_of_the_kept_one_unless_changed_in_place():

@@ -260,11 +260,53 @@ def test_checkpointed_layers_recompute_the_same_masks_and_rebuilds():
     (their seeds come from the generator checkpointing restores) and the rebuilt inputs must come out as
     in the forward pass, so the gradients equal those of the run that kept everything."""
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    grads = [adapter_grads(tiny_model("llama"), ids, fused=True, checkpointing=checkpointing)[0]
-             for checkpointing in (False, True)]
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        assert torch.equal(grads[0][name], grads[1][name]), name
+    for grouped in (False, True):
+        grads = [adapter_grads(tiny_model("llama"), ids, fused=True, checkpointing=checkpointing, grouped=grouped)[0]
+                 for checkpointing in (False, True)]
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_siblings_on_one_input_train_as_one_node_with_the_same_gradients(kind):
+    """Grouped, q, k and v and gate and up each run as one adapter node (4 a layer instead of 7; Qwen2's
+    q, k and v have biases) and every adapter gradient is the ungrouped one (dropout off: grouped, the
+    masks are drawn as one); in eval mode, or with an adapter that is not plain LoRA, each layer runs alone."""
+    from lora_app.lora import LoraConfig, add_adapter, group_shared_inputs, set_active_adapters
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    alone, _ = adapter_grads(tiny_model(kind), ids, fused=True, dropout=0.0)
+    grouped, _ = adapter_grads(tiny_model(kind), ids, fused=True, dropout=0.0, grouped=True)
+    assert alone.keys() == grouped.keys()
+    for name in alone:
+        assert torch.allclose(alone[name], grouped[name], rtol=1e-4, atol=1e-6), name
+
+    def lora_nodes(loss) -> int:
+        seen, todo, count = set(), [loss.grad_fn], 0
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            count += type(node).__name__ == "LoraFunctionBackward"
+            todo += [next_node for next_node, _ in node.next_functions]
+        return count
+
+    model = tiny_model(kind)
+    add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
+    assert group_shared_inputs(model) == 2 * model.config.num_hidden_layers
+    model.train()
+    assert lora_nodes(model(input_ids=ids, labels=ids).loss) == 4 * model.config.num_hidden_layers
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+    add_adapter(model, LoraConfig(rank=4, alpha=8, variant="dora", targets="all-linear"), "dora")
+    set_active_adapters(model, "dora")
+    model.train()
+    assert lora_nodes(model(input_ids=ids, labels=ids).loss) == 0
+    set_active_adapters(model, "a")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, expected)
 
 
 def test_a_fused_layer_with_adapters_keeps_what_the_estimate_counts():
@@ -274,7 +316,7 @@ def test_a_fused_layer_with_adapters_keeps_what_the_estimate_counts():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from conftest import TINY
-    from lora_app.lora import LoraConfig, add_adapter
+    from lora_app.lora import LoraConfig, add_adapter, group_shared_inputs
     from lora_app.training.fused import fuse
 
     def kept_bytes(layers: int) -> int:
@@ -282,6 +324,7 @@ def test_a_fused_layer_with_adapters_keeps_what_the_estimate_counts():
         model = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": layers})).to(torch.bfloat16)
         fuse(model)
         add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
+        group_shared_inputs(model)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         kept: dict[int, int] = {}
 
@@ -300,7 +343,9 @@ def test_a_fused_layer_with_adapters_keeps_what_the_estimate_counts():
     # norms' inputs 2, q 1, k and v kv_heads / heads each, attention output 1; gate, up; bf16
     vectors = (4 + 2 * kv_heads / heads) * hidden + 2 * inter
     small = 2 * 4 + heads * 4 + 7 * 4 * 4  # fp32: two norm scales, a log-sum-exp a head, 7 adapters' rank-4 h
-    assert per_token == vectors * 2 + small
+    # and per layer, not per token: the A's of q, k, v and of gate, up stacked (fp32, rank 4) for their nodes
+    stacked = 5 * 4 * hidden * 4 / (4 * 64)
+    assert per_token == vectors * 2 + small + stacked
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

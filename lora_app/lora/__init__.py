@@ -15,6 +15,7 @@ __getattr__, __all__ = exports(__name__, {
     "adapters": ("DeltaLoraAdapter", "DoraAdapter", "LoraAdapter", "LoraFAAdapter", "VeraAdapter", "VeraProjection"),
     "config": ("VARIANTS", "LoraConfig", "LoraConfigError"),
     "delta": ("DeltaLoraUpdater", "absorb"),
+    "group": ("SAME_INPUT", "group_shared_inputs"),
     "io": ("AdapterLoadError", "adapter_state", "export_merged", "load_adapter", "merged_state_dict", "read_adapter",
            "save_adapter"),
     "layer": ("LoraLayer",),

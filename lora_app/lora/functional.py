@@ -15,6 +15,9 @@ in the dtype the products ran in, and the r-wide ``h = dropout(x) A^T s``:
 small model is bound by how fast the CPU issues kernels, fewer nodes and fewer Python calls per node
 are most of the win; everywhere, the input copies were most of the adapter's activation memory.
 
+Layers that read the same x (q, k and v; gate and up: ``lora.group``) run as one node of k adapters:
+one mask draw for all k, and batched products where the old nodes ran one each.
+
 Where x can be computed again from tensors autograd keeps anyway (``Rebuild``: a norm's input and its
 per-row scale, a gated MLP's gate and up), the node keeps those instead of x, and the layers that
 share x share one recomputation.
@@ -22,6 +25,7 @@ share x share one recomputation.
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import nullcontext
 
@@ -31,8 +35,9 @@ import torch
 DROPOUT_STEPS = 32768
 
 
-def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """A boolean mask of ``x``'s shape keeping each element with probability 1 - p, and the factor
+def keep_mask(shape: tuple[int, ...], device: torch.device, p: float,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """A boolean mask of ``shape`` on ``device`` keeping each element with probability 1 - p, and the factor
     1 / (1 - p) that keeps the expectation. It depends only on the shape and the generator's state
     (torch's global one unless ``generator`` is given), so the same state draws the same mask again.
 
@@ -40,18 +45,18 @@ def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = Non
     four elements' 15 bits (its four 16-bit pieces, the sign bit cleared): 2.3x cheaper (2-core AVX2
     EPYC), with p rounded to a multiple of 1/32768 (0.05 -> 0.050018).
     """
-    if x.device.type != "cpu":
-        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p, generator=generator), \
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p, generator=generator), \
             1.0 / (1.0 - p)
     threshold = round(p * DROPOUT_STEPS)
-    n = x.numel()
+    n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=generator).view(torch.int16)[:n]
-    return (bits.bitwise_and_(0x7FFF) >= threshold).view(x.shape), DROPOUT_STEPS / (DROPOUT_STEPS - threshold)
+    return (bits.bitwise_and_(0x7FFF) >= threshold).view(shape), DROPOUT_STEPS / (DROPOUT_STEPS - threshold)
 
 
 def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Inverted dropout, ``x * keep / (1 - p)``, with ``keep_mask``'s mask."""
-    keep, scale = keep_mask(x, p, generator)
+    keep, scale = keep_mask(x.shape, x.device, p, generator)
     return (x * keep).mul_(scale)
 
 
@@ -125,57 +130,92 @@ class _Shared:
 
 
 class LoraFunction(torch.autograd.Function):
+    """k adapters that read the same x (one, or q, k and v, see ``lora.group``), as one node:
+
+        out_i = base_out_i + s (dropout_i(x) A_i^T) B_i^T
+
+    The k dropout masks are one draw, the A side one batched product, and so is x's gradient; the
+    mask's 1 / (1 - p) rides on ``s`` (applied to the r-wide product, not to a copy of x)."""
+
     @staticmethod
-    def forward(ctx, base_out, x, lora_A, lora_B, scaling: float, p: float, rebuild: Rebuild | None = None):
+    def forward(ctx, x, scaling: float, p: float, rebuild: Rebuild | None, *tensors):
+        k = len(tensors) // 3
+        base_outs, factors_a, factors_b = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
         # every operand is cast to ``dtype``, which is autocast's where it is on: autocast changes nothing
-        dtype = compute_dtype(x, lora_A)
+        dtype = compute_dtype(x, factors_a[0])
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a = _stack(factors_a).to(dtype)  # (k, r, in)
+        b = [factor.to(dtype) for factor in factors_b]
         ctx.seed = new_seed() if p > 0 else None
-        dropped = dropout(x2, p, mask_generator(x.device, ctx.seed)) if p > 0 else x2
-        a, b = lora_A.to(dtype), lora_B.to(dtype)
-        h = (dropped @ a.T).mul_(scaling)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]).to(dtype), h, b.T)
+        keep, keep_scale = _keep(x2, k, p, ctx.seed)
+        dropped = x2.expand(k, *x2.shape) if keep is None else x2 * keep
+        h = torch.bmm(dropped, a.transpose(1, 2)).mul_(scaling * keep_scale)  # (k, rows, r)
+        outs = tuple(torch.addmm(base.reshape(-1, base.shape[-1]).to(dtype), h_i, b_i.T).to(base.dtype).view(base.shape)
+                     for base, h_i, b_i in zip(base_outs, h, b))
         kept = (x,) if rebuild is None else rebuild.tensors
-        ctx.save_for_backward(*kept, h, a, b)  # a and b as cast: the backward pass casts nothing again
+        ctx.save_for_backward(*kept, h, a, *b)  # a and b as cast: the backward pass casts nothing again
         ctx.rebuild = None if rebuild is None else (rebuild.fn, rebuild.cache)
         if rebuild is not None:
             rebuild.cache.users += 1
         ctx.scaling, ctx.p, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, p, dtype, x.shape, x.dtype
-        ctx.factor_dtypes = lora_A.dtype, lora_B.dtype
-        return out.to(base_out.dtype).view(base_out.shape)
+        ctx.factor_dtypes = factors_a[0].dtype, factors_b[0].dtype
+        return outs
 
     @staticmethod
-    def backward(ctx, grad):
-        *kept, h, a, b = ctx.saved_tensors
+    def backward(ctx, *grads):
+        k = len(grads)
+        saved = ctx.saved_tensors  # once: checkpointing unpacks each saved tensor once
+        *kept, h, a = saved[:-k]
+        b = saved[-k:]
         if ctx.rebuild is None:
             (x,) = kept
         else:
             fn, cache = ctx.rebuild
             x = cache.take(fn, kept)
-        dtype = ctx.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        keep, keep_scale = keep_mask(x2, ctx.p, mask_generator(x2.device, ctx.seed)) if ctx.p > 0 else (None, 1.0)
-        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        grad_x = grad_a = grad_b = None
-        device = grad.device.type
+        x2 = x.reshape(-1, x.shape[-1]).to(ctx.dtype)
+        gs = [g.reshape(-1, g.shape[-1]).to(ctx.dtype) for g in grads]
+        needs = ctx.needs_input_grad[4:]  # base_outs, A's, B's
+        grad_x, grad_a, grad_b = None, [None] * k, [None] * k
+        device = x2.device.type
         # a backward pass run inside autocast must not cast these products again
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            if ctx.needs_input_grad[3]:
-                grad_b = (g.T @ h).to(ctx.factor_dtypes[1])
-            dh = (g @ b).mul_(ctx.scaling)
-            if ctx.needs_input_grad[2]:
-                dropped = x2 if keep is None else (x2 * keep).mul_(keep_scale)
-                grad_a = (dh.T @ dropped).to(ctx.factor_dtypes[0])
-            if ctx.needs_input_grad[1]:
-                grad_x = dh @ a
-                if keep is not None:
-                    grad_x = (grad_x * keep).mul_(keep_scale)
-                grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
-        return grad if ctx.needs_input_grad[0] else None, grad_x, grad_a, grad_b, None, None, None
+            for i in range(k):
+                if needs[2 * k + i]:
+                    grad_b[i] = (gs[i].T @ h[i]).to(ctx.factor_dtypes[1])
+            keep, keep_scale = _keep(x2, k, ctx.p, ctx.seed)
+            dh = _stack([g @ b_i for g, b_i in zip(gs, b)]).mul_(ctx.scaling * keep_scale)  # (k, rows, r)
+            if any(needs[k:2 * k]):
+                dropped = x2.expand(k, *x2.shape) if keep is None else x2 * keep
+                grad_a = list(torch.bmm(dh.transpose(1, 2), dropped).to(ctx.factor_dtypes[0]).unbind())
+            if ctx.needs_input_grad[0]:
+                dx = torch.bmm(dh, a)
+                if keep is not None:  # where x was dropped, so is its gradient
+                    dx.mul_(keep)
+                grad_x = (dx.sum(0) if k > 1 else dx[0]).to(ctx.x_dtype).view(ctx.x_shape)
+        grad_base = [g if need else None for g, need in zip(grads, needs[:k])]
+        return grad_x, None, None, None, *grad_base, *grad_a, *grad_b
+
+
+def _keep(x2: torch.Tensor, k: int, p: float, seed: int | None) -> tuple[torch.Tensor | None, float]:
+    """k masks for the rows ``x2`` (None where p is 0) drawn from ``seed``: the same ones every time."""
+    if p == 0:
+        return None, 1.0
+    return keep_mask((k, *x2.shape), x2.device, p, mask_generator(x2.device, seed))
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def lora_forward_shared(base_outs, x: torch.Tensor, factors_a, factors_b, scaling: float,
+                        p: float) -> tuple[torch.Tensor, ...]:
+    """``base_out_i + s * B_i A_i dropout_p(x)`` for k adapters of the same rank on the same x, as one
+    autograd node (see the module docstring); where x carries a ``Rebuild``, the node keeps what x is
+    computed from instead of x."""
+    return LoraFunction.apply(x, scaling, p, Rebuild.of(x), *base_outs, *factors_a, *factors_b)
 
 
 def lora_forward(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                  scaling: float, p: float) -> torch.Tensor:
-    """``base_out + s * B A dropout_p(x)`` as one autograd node (see the module docstring); where x
-    carries a ``Rebuild``, the node keeps what x is computed from instead of x."""
-    return LoraFunction.apply(base_out, x, lora_A, lora_B, scaling, p, Rebuild.of(x))
+    """One adapter's ``lora_forward_shared``."""
+    return lora_forward_shared((base_out,), x, (lora_A,), (lora_B,), scaling, p)[0]

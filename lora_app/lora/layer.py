@@ -30,12 +30,17 @@ class LoraLayer(nn.Module):
         # W0 = (W - sum w D) / c instead would round, and in bf16 drift further with every switch.
         self.merged: torch.Tensor | None = None
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (A^T, B^T), see pack()
+        self.group = None  # a lora.group.SharedInput, set for training
 
     @property
     def weight(self):  # lets code that inspects `layer.weight` (e.g. dtype checks) keep working
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.group is not None and self.training and not (args or kwargs):
+            out = self.group.output(self, x)
+            if out is not None:
+                return out
         result = self.base_layer(x, *args, **kwargs)
         if self.merged is not None or not self.active:
             return result

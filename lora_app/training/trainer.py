@@ -39,8 +39,8 @@ from lora_app.data import PreparedData, PromptFormat, collate, prepare_dataset
 from lora_app.data.errors import RowSkip
 from lora_app.errors import DataError, ModelLoadError, OutOfMemory, TrainConfigError, TrainingError
 from lora_app.hardware import Precision, attention_kernels, choose_precision
-from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, load_adapter, param_groups, \
-    save_adapter, set_trainable
+from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, group_shared_inputs, load_adapter, \
+    param_groups, save_adapter, set_trainable
 from lora_app.model_source import base_model_id
 from lora_app.models import default_device, eos_token_ids, load_config, load_model, load_tokenizer
 from lora_app.paths import write_json
@@ -287,6 +287,9 @@ class Recipe:
             set_trainable(self.model, ADAPTER)
         else:
             add_adapter(self.model, c.lora_config(), ADAPTER)
+        groups = group_shared_inputs(self.model)
+        if groups:
+            self.cb.log(f"grouped for training: {groups} sets of adapters that read one input (q, k, v; gate, up)")
         if c.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.total = count_parameters(self.model)
