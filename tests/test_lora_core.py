@@ -452,7 +452,7 @@ def test_adapters_sharing_an_input_run_as_one_node_with_each_ones_gradients(p, x
     g = [torch.randn(2, 5, w, dtype=torch.float64) for w in widths]
     inputs = [t for t in (x, *bases, *a, *b) if t.requires_grad]
     torch.manual_seed(1)
-    outs = lora_forward_shared(bases, x, a, b, 0.5, p)
+    outs = lora_forward_shared(torch.cat(bases, -1), x, a, b, 0.5, p)
     grads = torch.autograd.grad(outs, inputs, g)
     torch.manual_seed(1)
     if p:
@@ -466,7 +466,7 @@ def test_adapters_sharing_an_input_run_as_one_node_with_each_ones_gradients(p, x
     for got, want in zip(grads, torch.autograd.grad(expected, inputs, g)):
         assert torch.allclose(got, want)
     frozen = [t.detach() for t in a]
-    outs = lora_forward_shared(bases, x, frozen, b, 0.5, p)
+    outs = lora_forward_shared(torch.cat(bases, -1), x, frozen, b, 0.5, p)
     assert [t.shape for t in torch.autograd.grad(outs, b, g)] == [t.shape for t in b]
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from conftest import TINY, adapter_grads_plain_and_fused, save_tiny, tiny_model
-from lora_app.lora import (LoraConfig, adapter_modules, add_adapter, export_merged, load_adapter, lora_layers,
-                           merge_adapters, save_adapter)
+from conftest import TINY, adapter_grads, adapter_grads_plain_and_fused, save_tiny, tiny_model
+from lora_app.lora import (LoraConfig, adapter_modules, add_adapter, export_merged, group_shared_inputs, load_adapter,
+                           lora_layers, merge_adapters, save_adapter)
 from lora_app.lora.quant import dequantize_4bit
 from lora_app.models import load_model
 
@@ -52,6 +52,36 @@ def test_a_quantized_bases_mlps_are_fused_too(tiny_folder, quantization, input_i
     assert plain.keys() == fused.keys() and any("down_proj" in name for name in fused)
     for name in plain:
         assert torch.allclose(plain[name], fused[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_grouped_quantized_siblings_train_as_before(tiny_folder, quantization, input_ids):
+    """Grouped, a 4-bit base's q, k and v (and gate, up) are dequantized as one: their packed weights and
+    scales moved side by side, each layer's own a view of them with the same values. An 8-bit base
+    keeps each layer's product. Either way every adapter gradient is the ungrouped one (dropout off)."""
+    def grads(grouped: bool):
+        model = load_model(tiny_folder, quantization, device="cpu")[0]
+        return adapter_grads(model, input_ids, fused=True, grouped=grouped, dropout=0.0)[0]
+
+    alone, grouped = grads(False), grads(True)
+    assert alone.keys() == grouped.keys()
+    for name in alone:
+        assert torch.allclose(alone[name], grouped[name], rtol=1e-4, atol=1e-6), name
+    if quantization == "8bit":
+        return
+    model, _ = load_model(tiny_folder, "4bit", device="cpu")
+    add_adapter(model, LoraConfig(rank=4))
+    layers = lora_layers(model)
+    before = {path: dequantize_4bit(layer.base_layer, torch.float32) for path, layer in layers.items()}
+    group_shared_inputs(model)
+    for path, layer in layers.items():
+        assert torch.equal(dequantize_4bit(layer.base_layer, torch.float32), before[path]), path
+    attention = model.model.layers[0].self_attn
+    storages = {getattr(attention, name).base_layer.weight.data.untyped_storage().data_ptr()
+                for name in ("q_proj", "k_proj", "v_proj")}
+    assert len(storages) == 1
+    assert torch.equal(attention.q_proj.group.base(torch.eye(TINY["hidden_size"])).T,
+                       torch.cat([before[f"model.layers.0.self_attn.{name}"] for name in ("q_proj", "k_proj", "v_proj")]))
 
 
 def test_in_place_merge_is_refused_but_export_dequantizes(tiny_folder, input_ids, tmp_path):

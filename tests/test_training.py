@@ -295,11 +295,13 @@ def test_siblings_on_one_input_train_as_one_node_with_the_same_gradients(kind):
 
     model = tiny_model(kind)
     add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
-    assert group_shared_inputs(model) == 2 * model.config.num_hidden_layers
-    model.train()
-    assert lora_nodes(model(input_ids=ids, labels=ids).loss) == 4 * model.config.num_hidden_layers
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
+    assert group_shared_inputs(model) == 2 * model.config.num_hidden_layers
+    attention = model.model.layers[0].self_attn  # the base weights side by side, each layer's a view
+    assert len({attention.q_proj.weight.untyped_storage().data_ptr(), attention.v_proj.weight.untyped_storage().data_ptr()}) == 1
+    model.train()
+    assert lora_nodes(model(input_ids=ids, labels=ids).loss) == 4 * model.config.num_hidden_layers
     add_adapter(model, LoraConfig(rank=4, alpha=8, variant="dora", targets="all-linear"), "dora")
     set_active_adapters(model, "dora")
     model.train()

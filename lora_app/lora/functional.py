@@ -132,15 +132,17 @@ class _Shared:
 class LoraFunction(torch.autograd.Function):
     """k adapters that read the same x (one, or q, k and v, see ``lora.group``), as one node:
 
-        out_i = base_out_i + s (dropout_i(x) A_i^T) B_i^T
+        out_i = base_i + s (dropout_i(x) A_i^T) B_i^T,    base = [base_1, ..., base_k] side by side
 
     The k dropout masks are one draw, the A side one batched product, and so is x's gradient; the
-    mask's 1 / (1 - p) rides on ``s`` (applied to the r-wide product, not to a copy of x)."""
+    mask's 1 / (1 - p) rides on ``s`` (applied to the r-wide product, not to a copy of x). The base
+    outputs come as one tensor, so that their gradient goes back as one (to one product, where the
+    group computes its base as one)."""
 
     @staticmethod
-    def forward(ctx, x, scaling: float, p: float, rebuild: Rebuild | None, *tensors):
-        k = len(tensors) // 3
-        base_outs, factors_a, factors_b = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
+    def forward(ctx, x, base, scaling: float, p: float, rebuild: Rebuild | None, *factors):
+        k = len(factors) // 2
+        factors_a, factors_b = factors[:k], factors[k:]
         # every operand is cast to ``dtype``, which is autocast's where it is on: autocast changes nothing
         dtype = compute_dtype(x, factors_a[0])
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -150,8 +152,10 @@ class LoraFunction(torch.autograd.Function):
         keep, keep_scale = _keep(x2, k, p, ctx.seed)
         dropped = x2.expand(k, *x2.shape) if keep is None else x2 * keep
         h = torch.bmm(dropped, a.transpose(1, 2)).mul_(scaling * keep_scale)  # (k, rows, r)
-        outs = tuple(torch.addmm(base.reshape(-1, base.shape[-1]).to(dtype), h_i, b_i.T).to(base.dtype).view(base.shape)
-                     for base, h_i, b_i in zip(base_outs, h, b))
+        widths = [factor.shape[0] for factor in factors_b]
+        bases = base.reshape(-1, base.shape[-1]).to(dtype).split(widths, dim=1)
+        outs = tuple(torch.addmm(base_i, h_i, b_i.T).to(base.dtype).view(*base.shape[:-1], width)
+                     for base_i, h_i, b_i, width in zip(bases, h, b, widths))
         kept = (x,) if rebuild is None else rebuild.tensors
         ctx.save_for_backward(*kept, h, a, *b)  # a and b as cast: the backward pass casts nothing again
         ctx.rebuild = None if rebuild is None else (rebuild.fn, rebuild.cache)
@@ -174,17 +178,17 @@ class LoraFunction(torch.autograd.Function):
             x = cache.take(fn, kept)
         x2 = x.reshape(-1, x.shape[-1]).to(ctx.dtype)
         gs = [g.reshape(-1, g.shape[-1]).to(ctx.dtype) for g in grads]
-        needs = ctx.needs_input_grad[4:]  # base_outs, A's, B's
+        needs = ctx.needs_input_grad[5:]  # A's, B's
         grad_x, grad_a, grad_b = None, [None] * k, [None] * k
         device = x2.device.type
         # a backward pass run inside autocast must not cast these products again
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             for i in range(k):
-                if needs[2 * k + i]:
+                if needs[k + i]:
                     grad_b[i] = (gs[i].T @ h[i]).to(ctx.factor_dtypes[1])
             keep, keep_scale = _keep(x2, k, ctx.p, ctx.seed)
             dh = _stack([g @ b_i for g, b_i in zip(gs, b)]).mul_(ctx.scaling * keep_scale)  # (k, rows, r)
-            if any(needs[k:2 * k]):
+            if any(needs[:k]):
                 dropped = x2.expand(k, *x2.shape) if keep is None else x2 * keep
                 grad_a = list(torch.bmm(dh.transpose(1, 2), dropped).to(ctx.factor_dtypes[0]).unbind())
             if ctx.needs_input_grad[0]:
@@ -192,8 +196,10 @@ class LoraFunction(torch.autograd.Function):
                 if keep is not None:  # where x was dropped, so is its gradient
                     dx.mul_(keep)
                 grad_x = (dx.sum(0) if k > 1 else dx[0]).to(ctx.x_dtype).view(ctx.x_shape)
-        grad_base = [g if need else None for g, need in zip(grads, needs[:k])]
-        return grad_x, None, None, None, *grad_base, *grad_a, *grad_b
+        grad_base = None
+        if ctx.needs_input_grad[1]:
+            grad_base = torch.cat(grads, dim=-1) if k > 1 else grads[0]
+        return grad_x, grad_base, None, None, None, *grad_a, *grad_b
 
 
 def _keep(x2: torch.Tensor, k: int, p: float, seed: int | None) -> tuple[torch.Tensor | None, float]:
@@ -207,15 +213,15 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def lora_forward_shared(base_outs, x: torch.Tensor, factors_a, factors_b, scaling: float,
+def lora_forward_shared(base: torch.Tensor, x: torch.Tensor, factors_a, factors_b, scaling: float,
                         p: float) -> tuple[torch.Tensor, ...]:
-    """``base_out_i + s * B_i A_i dropout_p(x)`` for k adapters of the same rank on the same x, as one
-    autograd node (see the module docstring); where x carries a ``Rebuild``, the node keeps what x is
-    computed from instead of x."""
-    return LoraFunction.apply(x, scaling, p, Rebuild.of(x), *base_outs, *factors_a, *factors_b)
+    """``base_i + s * B_i A_i dropout_p(x)`` for k adapters of one rank on the same x, ``base`` their
+    base outputs side by side, as one autograd node (see the module docstring); where x carries a
+    ``Rebuild``, the node keeps what x is computed from instead of x."""
+    return LoraFunction.apply(x, base, scaling, p, Rebuild.of(x), *factors_a, *factors_b)
 
 
 def lora_forward(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                  scaling: float, p: float) -> torch.Tensor:
     """One adapter's ``lora_forward_shared``."""
-    return lora_forward_shared((base_out,), x, (lora_A,), (lora_B,), scaling, p)[0]
+    return lora_forward_shared(base_out, x, (lora_A,), (lora_B,), scaling, p)[0]

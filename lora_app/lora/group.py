@@ -1,23 +1,31 @@
-"""Adapted layers that read the same input (q, k and v; gate and up) train as one node.
+"""Adapted layers that read the same input (q, k and v; gate and up) train as one.
 
 The model still calls each layer itself. The first member called with an input computes every
-member's output, its base product and its adapter; ``functional.LoraFunction`` runs the k adapters
-with one dropout draw and one batched product for the A side, one for x's gradient. The other members
-are handed their output when they are called with that same tensor. On a GPU, where a step of a
-small model is bound by how fast the CPU issues kernels, a Llama layer's seven adapter nodes become
-four, and the step issues about a sixth fewer kernels (``bench/gpu_check.py``).
+member's output: the base products as one product (the members' weights moved side by side, their
+own weights now views of it; 4-bit ones as one dequantization, ``quant.Packed4bit``), then
+``functional.LoraFunction`` runs the k adapters with one dropout draw and one batched product for the
+A side, one for x's gradient. The other members are handed their output when they are called with
+that same tensor. On a GPU, where a step of a small model is bound by how fast the CPU issues
+kernels, a Llama layer's seven base nodes and seven adapter nodes become four and four.
 
 Only training with one plain LoRA adapter (LoRA, rsLoRA, LoRA-FA, Delta-LoRA) is grouped: anything
-else (DoRA, VeRA, a mix, a merged or evaluating model) takes each layer's own path.
+else (DoRA, VeRA, a mix, a merged or evaluating model) takes each layer's own path, on the same
+weights. Group after the model is on its device: moving it later would part the shared weights from
+the members' own.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lora_app.lora.adapters import Dropout, LoraAdapter
 from lora_app.lora.functional import lora_forward_shared
 from lora_app.lora.layer import LoraLayer
+from lora_app.lora.quant import Linear4bitFunction, Packed4bit
 
 # Sibling layers that read the same input in the architectures we know (Llama, Qwen, Mistral, ...)
 SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -28,6 +36,7 @@ class SharedInput:
 
     def __init__(self, layers: list[LoraLayer]):
         self.layers = layers
+        self.base = shared_base([layer.base_layer for layer in layers])
         self._input, self._outputs = None, {}
 
     def output(self, layer: LoraLayer, x):
@@ -41,8 +50,7 @@ class SharedInput:
         if plan is None:
             return None
         adapters, scaling, p = plan
-        outs = lora_forward_shared([member.base_layer(x) for member in self.layers], x,
-                                   [adapter.lora_A.weight for adapter in adapters],
+        outs = lora_forward_shared(self.base(x), x, [adapter.lora_A.weight for adapter in adapters],
                                    [adapter.lora_B.weight for adapter in adapters], scaling, p)
         self._input = x
         self._outputs = {member: out for member, out in zip(self.layers, outs) if member is not layer}
@@ -66,6 +74,28 @@ class SharedInput:
             return None
         _, scaling, p = settings.pop()
         return adapters, scaling, p
+
+
+def shared_base(layers: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> the layers' outputs side by side: one product where their weights can sit side by side
+    (plain linear layers of one dtype, all with a bias or none; 4-bit ones of one kind without), else
+    each layer's own output."""
+    if all(type(layer) is nn.Linear for layer in layers) \
+            and len({(layer.weight.dtype, layer.weight.device, layer.bias is None) for layer in layers}) == 1:
+        widths = [layer.out_features for layer in layers]
+        with torch.no_grad():
+            weight = torch.cat([layer.weight for layer in layers])
+            bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+        for i, layer in enumerate(layers):
+            layer.weight.data = weight.split(widths)[i]
+            if bias is not None:
+                layer.bias.data = bias.split(widths)[i]
+        return lambda x: F.linear(x, weight, bias)
+    if Packed4bit.fits(layers) and all(layer.bias is None for layer in layers):
+        packed, compute_dtype = Packed4bit(layers), layers[0].compute_dtype
+        # the dtypes of the fused 4-bit forward (training/fused.py)
+        return lambda x: Linear4bitFunction.apply(x.to(compute_dtype or x.dtype), packed.dequantize, None).to(x.dtype)
+    return lambda x: torch.cat([layer(x) for layer in layers], dim=-1)
 
 
 def group_shared_inputs(model: nn.Module) -> int:

@@ -1,5 +1,5 @@
 """Two blocks of every Llama-style layer as one autograd node each, and a 4-bit projection as one
-node (``Linear4bitFunction``), for training.
+node (``lora.quant.Linear4bitFunction``), for training.
 
 Written with autograd's own ops, transformers' RMSNorm keeps an fp32 copy of its input (2 hidden-size
 vectors a token on a bf16 model) and its gated MLP keeps ``silu(gate)`` beside ``gate`` and ``up``
@@ -19,13 +19,14 @@ input at swap time (Gemma's ``1 + weight`` norm, say, does not match and is left
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 from torch import nn
 
 from lora_app.lora.functional import Rebuild
-from lora_app.lora.quant import dequantize_4bit
+from lora_app.lora.quant import Linear4bitFunction, dequantize_4bit
 
 
 def rms_norm(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -82,31 +83,12 @@ def _gated_mlp_forward(self, x):
     return self.down_proj(Rebuild(silu_mul, gate, up).attach(SiluMulFunction.apply(gate, up)))
 
 
-class Linear4bitFunction(torch.autograd.Function):
-    """``x W^T + b`` for a frozen 4-bit weight W (bitsandbytes ``Linear4bit``), dequantized for the
-    product and again for x's gradient (``lora.quant.dequantize_4bit``: its scales dequantized once).
-    bitsandbytes' own forward runs four Python layers and, with double quantization, dequantizes the
-    per-block scales again at every call, forward and backward: on a GPU, where a step is bound by how
-    fast the CPU issues kernels, QLoRA paid for it in speed. With the rebuilt inputs above, the studio's
-    QLoRA went from 5,993 to 8,359 useful tokens/s on an H200 (README)."""
-
-    @staticmethod
-    def forward(ctx, x, module, bias):
-        ctx.module = module  # the weight is a parameter: nothing for the node to keep
-        return nn.functional.linear(x, dequantize_4bit(module, x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        return grad @ dequantize_4bit(ctx.module, grad.dtype), None, grad_bias
-
-
 def _linear_4bit_forward(self, x):
     if not (torch.is_grad_enabled() and x.requires_grad):  # generation, say: bitsandbytes' small-batch kernels
         return type(self).forward(self, x)
     dtype = self.compute_dtype or x.dtype
     bias = None if self.bias is None else self.bias.to(dtype)
-    return Linear4bitFunction.apply(x.to(dtype), self, bias).to(x.dtype)
+    return Linear4bitFunction.apply(x.to(dtype), functools.partial(dequantize_4bit, self), bias).to(x.dtype)
 
 
 KINDS = {_rms_norm_forward: "rms_norm", _gated_mlp_forward: "gated_mlp", _linear_4bit_forward: "linear_4bit"}
