@@ -30,11 +30,12 @@ def tiny_model(kind: str, seed: int = 0):
     return model.eval()
 
 
-def adapter_grads(model, ids, *, fused: bool, checkpointing: bool = False, grouped: bool = False,
+def adapter_grads(model, ids, *, fused: bool, checkpointing: bool = False, grouped: bool | None = False,
                   dropout: float = 0.1):
     """``model``'s adapter gradients, ``fuse``d (or not) before its adapter (LoRA rank 4, ``dropout``,
-    every linear layer, random B) is attached, its siblings on one input grouped (or not), with or
-    without gradient checkpointing; fixed seeds, so that two calls differ only in those choices.
+    every linear layer, random B) is attached, its siblings on one input grouped (or not: ``grouped``
+    False; True moves their base weights side by side, None as the device decides), with or without
+    gradient checkpointing; fixed seeds, so that two calls differ only in those choices.
     Returns (gradients by name, what fuse swapped)."""
     from lora_app.lora import LoraConfig, adapter_modules, add_adapter, group_shared_inputs
     from lora_app.training.fused import fuse
@@ -45,8 +46,8 @@ def adapter_grads(model, ids, *, fused: bool, checkpointing: bool = False, group
     torch.manual_seed(1)
     for adapter in adapter_modules(model, "a").values():
         torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)  # B = 0 would give A no gradient
-    if grouped:
-        group_shared_inputs(model)
+    if grouped is not False:
+        group_shared_inputs(model, move=grouped)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(3)

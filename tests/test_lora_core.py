@@ -440,27 +440,27 @@ def test_the_lora_node_has_the_gradients_of_the_plain_expression(p, x_grad):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_adapters_sharing_an_input_run_as_one_node_with_each_ones_gradients(p, x_grad):
-    """k adapters on one x (q, k and v: outputs of different widths) as one node: each output and every
-    gradient is that of the plain expression with its own mask, the k masks one draw of shape
-    (k, rows, in) from the node's seed; LoRA-FA's frozen A's get none."""
+    """k adapters on one x (q, k and v: outputs of different widths, ranks that differ) as one node: each
+    output and every gradient is that of the plain expression, the k adapters sharing one dropout mask
+    drawn from the node's seed; LoRA-FA's frozen A's get none."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=x_grad)
     widths = (7, 3, 3)
     bases = [torch.randn(2, 5, w, dtype=torch.float64, requires_grad=True) for w in widths]
-    a = [torch.randn(4, 12, dtype=torch.float64, requires_grad=True) for _ in widths]
-    b = [torch.randn(w, 4, dtype=torch.float64, requires_grad=True) for w in widths]
+    ranks = (4, 4, 2)
+    a = [torch.randn(r, 12, dtype=torch.float64, requires_grad=True) for r in ranks]
+    b = [torch.randn(w, r, dtype=torch.float64, requires_grad=True) for w, r in zip(widths, ranks)]
     g = [torch.randn(2, 5, w, dtype=torch.float64) for w in widths]
     inputs = [t for t in (x, *bases, *a, *b) if t.requires_grad]
     torch.manual_seed(1)
     outs = lora_forward_shared(torch.cat(bases, -1), x, a, b, 0.5, p)
     grads = torch.autograd.grad(outs, inputs, g)
     torch.manual_seed(1)
+    dropped = x
     if p:
-        keep, scale = keep_mask((3, 10, 12), x.device, p, mask_generator(x.device, new_seed()))
-        dropped = [(x.reshape(-1, 12) * keep[i] * scale).view(x.shape) for i in range(3)]
-    else:
-        dropped = [x] * 3
-    expected = [base + (d @ a_i.T * 0.5) @ b_i.T for base, d, a_i, b_i in zip(bases, dropped, a, b)]
+        keep, scale = keep_mask((10, 12), x.device, p, mask_generator(x.device, new_seed()))
+        dropped = (x.reshape(-1, 12) * keep * scale).view(x.shape)
+    expected = [base + (dropped @ a_i.T * 0.5) @ b_i.T for base, a_i, b_i in zip(bases, a, b)]
     for out, want in zip(outs, expected):
         assert torch.allclose(out, want)
     for got, want in zip(grads, torch.autograd.grad(expected, inputs, g)):

@@ -58,22 +58,25 @@ def test_a_quantized_bases_mlps_are_fused_too(tiny_folder, quantization, input_i
 def test_grouped_quantized_siblings_train_as_before(tiny_folder, quantization, input_ids):
     """Grouped, a 4-bit base's q, k and v (and gate, up) are dequantized as one: their packed weights and
     scales moved side by side, each layer's own a view of them with the same values. An 8-bit base
-    keeps each layer's product. Either way every adapter gradient is the ungrouped one (dropout off)."""
+    keeps each layer's product. Either way every adapter gradient is the ungrouped one (dropout off); on
+    a CPU the weights stay where they are unless moved (see lora.group.shared_base)."""
     def grads(grouped: bool):
         model = load_model(tiny_folder, quantization, device="cpu")[0]
         return adapter_grads(model, input_ids, fused=True, grouped=grouped, dropout=0.0)[0]
 
-    alone, grouped = grads(False), grads(True)
-    assert alone.keys() == grouped.keys()
-    for name in alone:
-        assert torch.allclose(alone[name], grouped[name], rtol=1e-4, atol=1e-6), name
+    alone = grads(False)
+    for move in (None, True):
+        grouped = grads(move)
+        assert alone.keys() == grouped.keys()
+        for name in alone:
+            assert torch.allclose(alone[name], grouped[name], rtol=1e-4, atol=1e-6), name
     if quantization == "8bit":
         return
     model, _ = load_model(tiny_folder, "4bit", device="cpu")
     add_adapter(model, LoraConfig(rank=4))
     layers = lora_layers(model)
     before = {path: dequantize_4bit(layer.base_layer, torch.float32) for path, layer in layers.items()}
-    group_shared_inputs(model)
+    group_shared_inputs(model, move=True)  # as on a GPU
     for path, layer in layers.items():
         assert torch.equal(dequantize_4bit(layer.base_layer, torch.float32), before[path]), path
     attention = model.model.layers[0].self_attn

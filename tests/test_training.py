@@ -271,16 +271,18 @@ def test_checkpointed_layers_recompute_the_same_masks_and_rebuilds():
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_siblings_on_one_input_train_as_one_node_with_the_same_gradients(kind):
     """Grouped, q, k and v and gate and up each run as one adapter node (4 a layer instead of 7; Qwen2's
-    q, k and v have biases) and every adapter gradient is the ungrouped one (dropout off: grouped, the
-    masks are drawn as one); in eval mode, or with an adapter that is not plain LoRA, each layer runs alone."""
+    q, k and v have biases), their base products as one where their weights are moved side by side, and
+    every adapter gradient is the ungrouped one (dropout off: grouped, the masks are drawn as one); in
+    eval mode, or with an adapter that is not plain LoRA, each layer runs alone, on the same weights."""
     from lora_app.lora import LoraConfig, add_adapter, group_shared_inputs, set_active_adapters
 
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     alone, _ = adapter_grads(tiny_model(kind), ids, fused=True, dropout=0.0)
-    grouped, _ = adapter_grads(tiny_model(kind), ids, fused=True, dropout=0.0, grouped=True)
-    assert alone.keys() == grouped.keys()
-    for name in alone:
-        assert torch.allclose(alone[name], grouped[name], rtol=1e-4, atol=1e-6), name
+    for move in (None, True):  # on a CPU the base weights stay where they are unless moved
+        grouped, _ = adapter_grads(tiny_model(kind), ids, fused=True, dropout=0.0, grouped=move)
+        assert alone.keys() == grouped.keys()
+        for name in alone:
+            assert torch.allclose(alone[name], grouped[name], rtol=1e-4, atol=1e-6), name
 
     def lora_nodes(loss) -> int:
         seen, todo, count = set(), [loss.grad_fn], 0
@@ -297,7 +299,7 @@ def test_siblings_on_one_input_train_as_one_node_with_the_same_gradients(kind):
     add_adapter(model, LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"), "a")
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
-    assert group_shared_inputs(model) == 2 * model.config.num_hidden_layers
+    assert group_shared_inputs(model, move=True) == 2 * model.config.num_hidden_layers
     attention = model.model.layers[0].self_attn  # the base weights side by side, each layer's a view
     assert len({attention.q_proj.weight.untyped_storage().data_ptr(), attention.v_proj.weight.untyped_storage().data_ptr()}) == 1
     model.train()
