@@ -1,12 +1,13 @@
 """Adapted layers that read the same input (q, k and v; gate and up) train as one.
 
 The model still calls each layer itself. The first member called with an input computes every
-member's output: the base products as one product (the members' weights moved side by side, their
-own weights now views of it; 4-bit ones as one dequantization, ``quant.Packed4bit``), then
+member's output: on a GPU the base products as one product (the members' weights moved side by side,
+their own weights now views of it; 4-bit ones as one dequantization, ``quant.Packed4bit``), then
 ``functional.LoraFunction`` runs the k adapters with one dropout mask (as peft does for a fused
-``qkv_proj``) and one product for their A's, one for x's gradient. The other members are handed their output when they are called with
-that same tensor. On a GPU, where a step of a small model is bound by how fast the CPU issues
-kernels, a Llama layer's seven base nodes and seven adapter nodes become four and four.
+``qkv_proj``) and one product for their A's, one for x's gradient. The other members are handed their
+output when they are called with that same tensor. On a GPU, where a step of a small model is bound
+by how fast the CPU issues kernels, a Llama layer's seven base nodes and seven adapter nodes become
+four and four.
 
 Only training with one plain LoRA adapter (LoRA, rsLoRA, LoRA-FA, Delta-LoRA) is grouped: anything
 else (DoRA, VeRA, a mix, a merged or evaluating model) takes each layer's own path, on the same
@@ -92,10 +93,10 @@ def shared_base(layers: list[nn.Module], move: bool | None = None) -> Callable[[
         with torch.no_grad():
             weight = torch.cat([layer.weight for layer in layers])
             bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-        for i, layer in enumerate(layers):
-            layer.weight.data = weight.split(widths)[i]
-            if bias is not None:
-                layer.bias.data = bias.split(widths)[i]
+        for layer, rows in zip(layers, weight.split(widths)):
+            layer.weight.data = rows
+        for layer, values in zip(layers, bias.split(widths) if bias is not None else ()):
+            layer.bias.data = values
         return lambda x: F.linear(x, weight, bias)
     if move and Packed4bit.fits(layers) and all(layer.bias is None for layer in layers):
         packed, compute_dtype = Packed4bit(layers), layers[0].compute_dtype
