@@ -1,6 +1,6 @@
 """Learning parity: does the studio's adapter learn as well as transformers Trainer + peft's?
 
-    python bench/bench_parity.py [--datasets persona,alpaca] [--seeds 0,1,2] [--batching grouped,random]
+    python bench/bench_parity.py [--datasets persona,alpaca] [--seeds 0,1,2] [--batching grouped,random] [--dropout 0]
 
 Both recipes train the embedded SmolLM2-135M-Instruct on the same rows with the same settings (LoRA
 r8, alpha 16 on q,k,v,o, dropout 0; batch 4, seq-len <= 256; AdamW lr 1e-3, linear schedule without
@@ -118,7 +118,9 @@ def main() -> int:
     p.add_argument("--datasets", default="persona,alpaca", help=f"comma list of {', '.join(DATASETS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--batching", default="grouped,random", help="the studio's batchings to score")
+    p.add_argument("--dropout", type=float, default=RECIPE["dropout"], help="LoRA dropout, both recipes")
     args = p.parse_args()
+    RECIPE["dropout"] = args.dropout
     seeds = [int(s) for s in args.seeds.split(",")]
     sides = [PEER, *args.batching.split(",")]
     print(f"recipe: {json.dumps(RECIPE)}, targets {','.join(TARGETS)}, linear schedule, no warmup; seeds {seeds}")
