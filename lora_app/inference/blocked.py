@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from lora_app.hardware import native_bf16_cpu
 from lora_app.lora import SAME_INPUT, LoraLayer
 
-# Siblings that read the same input, by the names Llama-family models give them.
+
 class LinearGroup:
     """Linear layers that read the same input, computed as one product (see the module's doc)."""
 

@@ -80,7 +80,11 @@ class LoraAdapter(Adapter):
     def add_to(self, result, x, weight, base_out, layer):
         # one autograd node instead of eight, no copy of x kept (functional.py)
         return lora_forward(result, x, self.lora_A.weight, self.lora_B.weight, weight * self.scaling,
-                            self.dropout.p if self.training and isinstance(self.dropout, Dropout) else 0.0)
+                            self.dropout_p())
+
+    def dropout_p(self) -> float:
+        """The dropout probability of a forward pass now (0 outside training)."""
+        return self.dropout.p if self.training and isinstance(self.dropout, Dropout) else 0.0
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

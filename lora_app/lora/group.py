@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_app.lora.adapters import Dropout, LoraAdapter
+from lora_app.lora.adapters import LoraAdapter
 from lora_app.lora.functional import lora_forward_shared
 from lora_app.lora.layer import LoraLayer
-from lora_app.lora.quant import Linear4bitFunction, Packed4bit
+from lora_app.lora.quant import Packed4bit, linear_4bit
 
 # Sibling layers that read the same input in the architectures we know (Llama, Qwen, Mistral, ...)
 SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -69,8 +69,7 @@ class SharedInput:
             if type(adapter).add_to is not LoraAdapter.add_to:
                 return None
             adapters.append(adapter)
-            p = adapter.dropout.p if adapter.training and isinstance(adapter.dropout, Dropout) else 0.0
-            settings.add((weight * adapter.scaling, p))
+            settings.add((weight * adapter.scaling, adapter.dropout_p()))
         if len(settings) != 1:
             return None
         scaling, p = settings.pop()
@@ -100,8 +99,7 @@ def shared_base(layers: list[nn.Module], move: bool | None = None) -> Callable[[
         return lambda x: F.linear(x, weight, bias)
     if move and Packed4bit.fits(layers) and all(layer.bias is None for layer in layers):
         packed, compute_dtype = Packed4bit(layers), layers[0].compute_dtype
-        # the dtypes of the fused 4-bit forward (training/fused.py)
-        return lambda x: Linear4bitFunction.apply(x.to(compute_dtype or x.dtype), packed.dequantize, None).to(x.dtype)
+        return lambda x: linear_4bit(x, packed.dequantize, compute_dtype)
     return lambda x: torch.cat([layer(x) for layer in layers], dim=-1)
 
 

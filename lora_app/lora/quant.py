@@ -123,3 +123,12 @@ class Linear4bitFunction(torch.autograd.Function):
     def backward(ctx, grad):
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad @ ctx.dequantize(grad.dtype), None, grad_bias
+
+
+def linear_4bit(x: torch.Tensor, dequantize, compute_dtype: torch.dtype | None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``Linear4bitFunction`` in the dtype a ``Linear4bit`` computes in (its ``compute_dtype``, else
+    x's), returned in x's."""
+    dtype = compute_dtype or x.dtype
+    bias = None if bias is None else bias.to(dtype)
+    return Linear4bitFunction.apply(x.to(dtype), dequantize, bias).to(x.dtype)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lora_app.lora.functional import Rebuild
-from lora_app.lora.quant import Linear4bitFunction, dequantize_4bit
+from lora_app.lora.quant import dequantize_4bit, linear_4bit
 
 
 def rms_norm(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -86,9 +86,7 @@ def _gated_mlp_forward(self, x):
 def _linear_4bit_forward(self, x):
     if not (torch.is_grad_enabled() and x.requires_grad):  # generation, say: bitsandbytes' small-batch kernels
         return type(self).forward(self, x)
-    dtype = self.compute_dtype or x.dtype
-    bias = None if self.bias is None else self.bias.to(dtype)
-    return Linear4bitFunction.apply(x.to(dtype), functools.partial(dequantize_4bit, self), bias).to(x.dtype)
+    return linear_4bit(x, functools.partial(dequantize_4bit, self), self.compute_dtype, self.bias)
 
 
 KINDS = {_rms_norm_forward: "rms_norm", _gated_mlp_forward: "gated_mlp", _linear_4bit_forward: "linear_4bit"}
