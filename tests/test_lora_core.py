@@ -12,8 +12,7 @@ from lora_app.lora import (VARIANTS, AdapterLoadError, DeltaLoraUpdater, LoraAda
                            TargetError, adapter_modules, add_adapter, bypass_idle, count_parameters, export_merged, load_adapter,
                            lora_layers, merge_adapters, pack_adapters, param_groups, remove_adapter, resolve_targets, save_adapter,
                            set_active_adapters, set_trainable, unmerge_adapters)
-from lora_app.lora.functional import Rebuild, dropout, keep_mask, lora_forward, lora_forward_shared, \
-    mask_generator, new_seed
+from lora_app.lora.functional import Rebuild, dropout, keep_mask, lora_forward, lora_forward_shared, new_seed
 
 
 def randomize(model, name, scale=0.2, seed=0):
@@ -426,7 +425,7 @@ def test_the_lora_node_has_the_gradients_of_the_plain_expression(p, x_grad):
     grads = torch.autograd.grad(out, [t for t in (base, x, a, b) if t.requires_grad], g)
     assert torch.equal(torch.get_rng_state(), after_forward)  # redrawing the mask moved no one's generator
     torch.manual_seed(1)
-    dropped = dropout(x.reshape(-1, 12), p, mask_generator(x.device, new_seed())).view(x.shape) if p else x
+    dropped = dropout(x.reshape(-1, 12), p, new_seed()).view(x.shape) if p else x
     expected = base + (dropped @ a.T * 0.5) @ b.T
     want = torch.autograd.grad(expected, [t for t in (base, x, a, b) if t.requires_grad], g)
     assert torch.allclose(out, expected)
@@ -435,6 +434,19 @@ def test_the_lora_node_has_the_gradients_of_the_plain_expression(p, x_grad):
     frozen_a = a.detach()
     out = lora_forward(base, x, frozen_a, b, 0.5, p)
     assert torch.autograd.grad(out, b, g)[0].shape == b.shape
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_a_dropout_mask_drops_p_and_is_drawn_again_from_its_seed(p):
+    """A CPU mask of 256k elements drops p of them (to within 6 standard deviations), its scale keeps
+    the expectation, and its seed alone decides it."""
+    keep, scale = keep_mask((256, 1000), torch.device("cpu"), p, seed=7)
+    assert keep.dtype == torch.uint8 and set(keep.unique().tolist()) == {0, 1}
+    dropped = 1 - keep.double().mean().item()
+    assert abs(dropped - p) < 6 * (p * (1 - p) / keep.numel()) ** 0.5
+    assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
+    assert torch.equal(keep_mask((256, 1000), torch.device("cpu"), p, seed=7)[0], keep)
+    assert not torch.equal(keep_mask((256, 1000), torch.device("cpu"), p, seed=8)[0], keep)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -458,7 +470,7 @@ def test_adapters_sharing_an_input_run_as_one_node_with_each_ones_gradients(p, x
     torch.manual_seed(1)
     dropped = x
     if p:
-        keep, scale = keep_mask((10, 12), x.device, p, mask_generator(x.device, new_seed()))
+        keep, scale = keep_mask((10, 12), x.device, p, new_seed())
         dropped = (x.reshape(-1, 12) * keep * scale).view(x.shape)
     expected = [base + (dropped @ a_i.T * 0.5) @ b_i.T for base, a_i, b_i in zip(bases, a, b)]
     for out, want in zip(outs, expected):
