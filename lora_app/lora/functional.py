@@ -79,9 +79,9 @@ _local = threading.local()  # a training thread and the chat's never share a gen
 
 
 def mask_generator(device: torch.device, seed: int) -> torch.Generator:
-    """This thread's torch generator for ``device`` (a GPU's masks), seeded with ``seed``. Seeding again is
-    how the backward pass draws a mask again: saving and restoring the global generator's state (``torch.random.fork_rng``)
-    cost 65 us a call on a 2-core EPYC, seeding 9."""
+    """This thread's torch generator for ``device`` (a GPU's masks), seeded with ``seed``. Seeding again
+    is how the backward pass draws a mask again: saving and restoring the global generator's state
+    (``torch.random.fork_rng``) cost 65 us a call on a 2-core EPYC, seeding 9."""
     generators = _local.__dict__.setdefault("generators", {})
     if device not in generators:
         generators[device] = torch.Generator(device)
