@@ -116,7 +116,7 @@ def side(name: str, args) -> dict:
         command.append("--gradient-checkpointing")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if name != "peer":  # the allocator the studio's training commands run on (the peer's recipe: the C library's)
-        env = allocator.environment(env)
+        env = allocator.training_environment(env)
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")

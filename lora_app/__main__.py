@@ -5,11 +5,16 @@ comes back at once, without loading torch or gradio.
 """
 
 import importlib
+import os
 import sys
 
 from lora_app import allocator
 
-TRAINING = ("train", "sweep", "plan")  # commands that train, and so run on jemalloc where the machine has it
+# the environment a command's process starts again in (see ``allocator``): training on jemalloc,
+# generation on huge pages, where the machine has them
+ENVIRONMENTS = {"train": allocator.training_environment, "sweep": allocator.training_environment,
+                "plan": allocator.training_environment, "generate": allocator.generation_environment,
+                "studio": allocator.generation_environment}
 # command -> (the module whose main(argv) runs it, argv starting with the command; what it does)
 COMMANDS = {
     "train": ("lora_app.training.cli", "train a LoRA adapter (the run is recorded where the studio shows it)"),
@@ -32,8 +37,8 @@ def usage() -> str:
 
 
 def main(argv=None) -> int:
-    """``argv`` None: this process's own arguments (a training command may then start the process
-    again on jemalloc: see ``allocator``); a list: run that command here, as it is."""
+    """``argv`` None: this process's own arguments (a training or generating command may then start
+    the process again: see ``ENVIRONMENTS``); a list: run that command here, as it is."""
     program, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -41,8 +46,8 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    if program and argv[0] in TRAINING:
-        allocator.relaunch(argv)
+    if program and argv[0] in ENVIRONMENTS:
+        allocator.relaunch(["-m", "lora_app", *argv], ENVIRONMENTS[argv[0]](dict(os.environ)))
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv)
 
