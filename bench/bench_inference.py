@@ -18,6 +18,10 @@ CPU (named, with its bf16 support):
   * switch latency between unmerged modes (a pointer change, target < 10 ms) and, for reference,
     entering/leaving merged mode (folds the weights).
 
+Both sides run in this one process, on the pages the machine gives by default (a plain script's
+conditions); ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/bench_inference.py`` runs both on
+transparent huge pages, as the studio's own generating processes run (``lora_app.allocator``).
+
 Three rank-``--rank`` adapters on every linear layer are made on the spot (random B), so no training
 run is needed. Every run generates exactly ``--tokens`` tokens (EOS held back) from the same prompt;
 all rows are interleaved over ``--repeats`` rounds, so a slow moment of a busy machine hits every row
@@ -41,6 +45,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from lora_app import allocator  # noqa: E402
 from lora_app.hardware import cpu_name, generation_precision, native_bf16_cpu  # noqa: E402
 from lora_app.inference import GenerationSettings, InferenceEngine, Mode  # noqa: E402
 from lora_app.inference.prompts import encode_prompt  # noqa: E402
@@ -104,7 +109,14 @@ def prompt_pass_ms(model, length: int = 300) -> float:
 
 def machine() -> str:
     return (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, native bf16: "
-            f"{native_bf16_cpu() or 'no'}, torch {torch.__version__}, transformers {transformers.__version__}")
+            f"{native_bf16_cpu() or 'no'}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"memory: {pages()}")
+
+
+def pages() -> str:
+    if allocator.HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", ""):
+        return "huge pages asked for (GLIBC_TUNABLES), as the studio's processes run"
+    return "the machine's default pages (as a plain script runs)"
 
 
 def verdict(ok: bool) -> str:
