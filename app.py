@@ -7,7 +7,7 @@ import sys
 from lora_app import allocator
 
 if __name__ == "__main__":  # on huge pages where the machine has them, before torch loads (see lora_app.allocator)
-    allocator.relaunch(sys.argv, allocator.generation_environment(dict(os.environ)))
+    allocator.relaunch(sys.orig_argv[1:], allocator.generation_environment(dict(os.environ)))  # with -u, -X, ...
 
 from lora_app.studio import build, main  # noqa: E402
 
