@@ -5,7 +5,6 @@ comes back at once, without loading torch or gradio.
 """
 
 import importlib
-import os
 import sys
 
 from lora_app import allocator
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
         print(f"error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     if program and argv[0] in ENVIRONMENTS:
-        allocator.relaunch(["-m", "lora_app", *argv], ENVIRONMENTS[argv[0]](dict(os.environ)))
+        allocator.relaunch(["-m", "lora_app", *argv], ENVIRONMENTS[argv[0]])
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv)
 

@@ -26,6 +26,7 @@ import ctypes.util
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 SETTING = "LORA_APP_ALLOCATOR"  # "system": keep the C library's malloc
@@ -79,9 +80,11 @@ def generation_environment(env: dict[str, str]) -> dict[str, str]:
     return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
 
 
-def relaunch(args: list[str], env: dict[str, str]) -> None:
-    """Replace this process by ``python *args`` in ``env``, if that is not this process's environment
-    already; otherwise return. The process keeps its id, streams and folder."""
-    if env != dict(os.environ):
+def relaunch(args: list[str], environment: Callable[[dict[str, str]], dict[str, str]]) -> None:
+    """Replace this process by ``python *args`` in ``environment`` of this process's one
+    (``training_environment`` or ``generation_environment``), if that changes it; otherwise return.
+    The process keeps its id, streams and folder."""
+    env = environment(dict(os.environ))
+    if env != os.environ:
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, *args], env)
