@@ -694,11 +694,12 @@ def test_an_out_of_memory_step_is_computed_again_in_smaller_micro_batches(tiny_l
     from lora_app.training import trainer
 
     plain_cb, plain = quiet()
-    train(config_for(tiny_llama, qa_data, tmp_path / "plain", max_steps=5), plain_cb)
+    train(config_for(tiny_llama, qa_data, tmp_path / "plain", max_steps=5, cpu_lanes=1), plain_cb)
     events = []
     monkeypatch.setenv(trainer.FAULT_ENV, "3")
     cb, logged = quiet(on_event=lambda step, text: events.append((step, text)))
-    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "recovered", max_steps=5), cb)
+    # one lane: micro-batches of the whole batch of 4 (two lanes start at 2)
+    outcome = train(config_for(tiny_llama, qa_data, tmp_path / "recovered", max_steps=5, cpu_lanes=1), cb)
     assert outcome.status == "completed" and outcome.summary["micro_batch"] == 2
     assert [step for step, _ in events] == [3] and "micro-batches of 4 examples cut to 2" in events[0][1]
     losses = [values["loss"] for _, values in logged if "loss" in values]
@@ -714,7 +715,7 @@ def test_a_resumed_run_keeps_the_micro_batches_memory_allowed(tiny_llama, qa_dat
     steps = []
     first, _ = quiet(should_stop=lambda: len(steps) >= 3)
     first.on_log = lambda step, values: steps.append(step)
-    settings = dict(max_steps=6, save_every=3)
+    settings = dict(max_steps=6, save_every=3, cpu_lanes=1)  # one lane: micro-batches of 4 to begin with
     assert train(config_for(tiny_llama, qa_data, tmp_path / "run", **settings), first).status == "cancelled"
     monkeypatch.delenv(trainer.FAULT_ENV)
     lines = []
@@ -750,6 +751,32 @@ def test_a_step_that_does_not_fit_even_one_example_at_a_time_fails_in_words(tiny
     monkeypatch.setattr(trainer, "SAFE_MARGIN", 2**60)  # no micro-batch leaves that much memory free
     events = []
     with pytest.raises(OutOfMemory) as err:
-        train(config_for(tiny_llama, qa_data, tmp_path / "out"), quiet(on_event=lambda s, t: events.append(t))[0])
+        train(config_for(tiny_llama, qa_data, tmp_path / "out", cpu_lanes=1), quiet(on_event=lambda s, t: events.append(t))[0])
     assert err.value.step == 1 and "even with one example per micro-batch" in str(err.value)
     assert len(events) == 2  # 4 -> 2 -> 1 example per micro-batch, then it gave up
+
+
+def test_lanes_give_the_update_of_one_micro_batch_at_a_time_and_repeat_bit_for_bit(tiny_llama, qa_data, tmp_path,
+                                                                                    monkeypatch):
+    """On a CPU, micro-batches trained side by side (training/lanes.py) add up to the same update as one
+    at a time; with dropout, a run in lanes repeats exactly whichever lane finishes first."""
+    from safetensors.torch import load_file
+
+    from lora_app.training import lanes
+
+    monkeypatch.setattr(lanes, "cores", lambda: 2)  # two lanes even on a one-core machine
+    curves, adapters, said = {}, {}, {}
+    for name, count, dropout in (("one", 1, 0.0), ("two", 2, 0.0), ("a", 2, 0.1), ("b", 2, 0.1)):
+        logged, lines = [], []
+        callbacks = Callbacks(on_log=lambda step, values: logged.append(values), log=lines.append)
+        train(config_for(tiny_llama, qa_data, tmp_path / name, max_steps=3, precision="fp32", dropout=dropout,
+                         cpu_lanes=count, max_batch_tokens=60), callbacks)
+        curves[name] = [values["loss"] for values in logged if "loss" in values]
+        adapters[name] = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        said[name] = [line for line in lines if line.startswith("lanes:")]
+    assert said["one"] == [] and said["two"] == ["lanes: 2 micro-batches train at a time, on 1 core each"]
+    assert curves["two"] == pytest.approx(curves["one"], rel=1e-5)
+    for key, value in adapters["one"].items():
+        torch.testing.assert_close(adapters["two"][key], value, rtol=1e-3, atol=1e-5)  # Adam divides by tiny moments
+    assert curves["a"] == curves["b"] and curves["a"] != curves["two"]
+    assert all(torch.equal(adapters["a"][key], adapters["b"][key]) for key in adapters["a"])

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -69,13 +69,24 @@ def dropout(x: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
 
 
 def new_seed() -> int:
-    """A seed for one dropout mask, from torch's global generator: ``torch.manual_seed`` repeats a run's
-    masks, and checkpointing, which restores that generator before it recomputes a layer, draws the
-    same ones again."""
-    return int(torch.randint(2**62, (), dtype=torch.int64))
+    """A seed for one dropout mask, from this thread's ``seed_stream`` where one is open, else from
+    torch's global generator: ``torch.manual_seed`` repeats a run's masks, and checkpointing, which
+    restores that generator before it recomputes a layer, draws the same ones again."""
+    return int(torch.randint(2**62, (), dtype=torch.int64, generator=getattr(_local, "stream", None)))
 
 
 _local = threading.local()  # a training thread and the chat's never share a generator
+
+
+@contextmanager
+def seed_stream(seed: int):
+    """Within it, this thread's masks draw their seeds from a generator seeded with ``seed``: threads
+    training side by side (``training.lanes``) draw the same masks whichever runs first."""
+    _local.stream = torch.Generator().manual_seed(seed)
+    try:
+        yield
+    finally:
+        _local.stream = None
 
 
 def mask_generator(device: torch.device, seed: int) -> torch.Generator:

@@ -17,6 +17,7 @@ the members' own.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -33,19 +34,21 @@ SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class SharedInput:
-    """The members of one group and, between the first member's call and the others', their outputs."""
+    """The members of one group and, between the first member's call and the others', their outputs
+    (kept per thread)."""
 
     def __init__(self, layers: list[LoraLayer], move: bool | None = None):
         self.layers = layers
         self.base = shared_base([layer.base_layer for layer in layers], move)
-        self._input, self._outputs = None, {}
+        self._pending = threading.local()  # per thread: threads may train side by side (training.lanes)
 
     def output(self, layer: LoraLayer, x):
         """``layer``'s output for ``x``, or None where the group cannot run as one node."""
-        if x is self._input and layer in self._outputs:
-            out = self._outputs.pop(layer)
-            if not self._outputs:
-                self._input = None
+        pending = self._pending
+        if getattr(pending, "input", None) is x and layer in pending.outputs:
+            out = pending.outputs.pop(layer)
+            if not pending.outputs:
+                pending.input = None
             return out
         plan = self._plan()
         if plan is None:
@@ -53,8 +56,8 @@ class SharedInput:
         adapters, scaling, p = plan
         outs = lora_forward_shared(self.base(x), x, [adapter.lora_A.weight for adapter in adapters],
                                    [adapter.lora_B.weight for adapter in adapters], scaling, p)
-        self._input = x
-        self._outputs = {member: out for member, out in zip(self.layers, outs) if member is not layer}
+        pending.input = x
+        pending.outputs = {member: out for member, out in zip(self.layers, outs) if member is not layer}
         return outs[self.layers.index(layer)]
 
     def _plan(self) -> tuple[list[LoraAdapter], float, float] | None:

@@ -145,6 +145,9 @@ class TrainConfig:
                              "run", choices=PRECISIONS)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
                                            "~30 % slower", "run")
+    cpu_lanes: int | None = setting(None, "on a CPU, micro-batches trained side by side, each by its share of the "
+                                    "cores (1: one at a time on all cores); the update is the same", "run",
+                                    label="CPU lanes", at_least=1, unset="2 in fp32 with two cores or more, else 1")
 
     # -- checks ---------------------------------------------------------------------------------
     def problems(self) -> dict[str, str]:

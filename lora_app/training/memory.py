@@ -7,7 +7,8 @@ The estimate adds up, for the chosen settings:
     adapter      trainable parameters x 4 bytes, their gradients (x 4) and AdamW's two moments (x 8)
     activations  what autograd keeps per token and layer (about 5 hidden-size and 2 intermediate-size
                  vectors; about four hidden-size vectors with gradient checkpointing),
-                 plus one layer's backward, x batch x sequence length, plus one chunk of fp32 logits for the loss
+                 plus one layer's backward, x batch x sequence length, plus one chunk of fp32 logits for the loss;
+                 as many times over as lanes train micro-batches at once (training/lanes.py)
     runtime      the framework itself (a measured constant)
 
 It is a planning figure, stored next to the measured peak so both can be compared in the UI.
@@ -26,6 +27,7 @@ from lora_app.errors import TargetError
 from lora_app.hardware import Precision
 from lora_app.lora import LoraConfig, add_adapter, count_parameters
 from lora_app.models import load_config, meta_model
+from lora_app.training.lanes import lane_count
 from lora_app.training.loss import chunk_rows, workspace_row_bytes
 
 # 4-bit: NF4 with double quantization keeps ~0.53 bytes a weight, and training adds the per-block
@@ -64,11 +66,13 @@ def parameter_counts(model: str, trust_remote_code: bool, lora: str) -> tuple[in
     return trainable, total - trainable
 
 
-def estimate_memory(config, model_config, device: str, precision: Precision, tokens: int | None = None) -> dict:
+def estimate_memory(config, model_config, device: str, precision: Precision, tokens: int | None = None,
+                    lanes: int | None = None) -> dict:
     """Bytes by component for a run of ``config`` (a TrainConfig) on ``model_config``, on a
     ``device`` of type "cpu" or "cuda", in ``precision`` (see ``hardware.choose_precision``).
     ``tokens``: the padded tokens of the largest micro-batch once the data is known; before that,
-    the worst case the settings allow."""
+    the worst case the settings allow. ``lanes``: micro-batches trained at once (by default as a
+    single process would)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
@@ -86,10 +90,11 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
         params = 12 * hidden * hidden * layers + vocab * hidden
     per_weight = BYTES_PER_WEIGHT[config.quantization] or (2 if precision.name == "bf16" else 4)
     act_bytes = 4 if precision.name == "fp32" else 2
-    if tokens is None:
-        tokens = config.batch_size * config.seq_len
-        budget = token_budget(config, device)
-        if budget:  # micro-batches are cut to the token budget (see batches.StepPlan)
+    lanes = lanes or lane_count(device, precision, config.gradient_checkpointing, config.cpu_lanes)
+    if tokens is None:  # as the trainer cuts micro-batches (see Recipe._setup_plan and batches.StepPlan)
+        tokens = -(-config.batch_size // lanes) * config.seq_len
+        budget = token_budget(config, device) // lanes
+        if budget:
             tokens = min(tokens, max(budget, config.seq_len))
     # What autograd keeps per token and layer, counted with saved-tensor hooks on Llama shapes (fused
     # norms and MLP, one node per LoRA layer, adapters rebuilding their inputs, see training/fused.py and
@@ -105,7 +110,7 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
     else:  # with a row of the mask a layer
         per_token = (kept + min(tokens, config.seq_len) * act_bytes) * layers + one_layer
     loss_rows = min(tokens, chunk_rows(vocab, torch.device(device), precision.dtype))
-    activations = tokens * per_token + loss_rows * workspace_row_bytes(vocab, precision.dtype)
+    activations = lanes * (tokens * per_token + loss_rows * workspace_row_bytes(vocab, precision.dtype))
     if device == "cpu":
         activations *= CPU_HELD_FACTOR
     # A quantized base is loaded in full precision first; on a CPU the freed copy stays with the process

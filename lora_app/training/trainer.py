@@ -3,7 +3,8 @@
     train(config, callbacks) -> Outcome
         preflight          settings, output folder, model config: a mistake costs seconds, not a model load
         Recipe.__init__    _setup_data, accelerate, _setup_model (load, quantize, attach or resume the
-                           adapter), _setup_plan (batches), _setup_optimizer (AdamW, LoRA+, schedule)
+                           adapter), _setup_plan (batches), _setup_optimizer (AdamW, LoRA+, schedule),
+                           _setup_lanes (a CPU's micro-batches side by side)
         Recipe.run         _start, then per step _loss_step and _after_step (metrics, eval,
                            checkpoint, cancel), then _finish (final eval, adapter, summary)
 
@@ -41,6 +42,7 @@ from lora_app.errors import DataError, ModelLoadError, OutOfMemory, TrainConfigE
 from lora_app.hardware import Precision, attention_kernels, choose_precision
 from lora_app.lora import DeltaLoraUpdater, add_adapter, count_parameters, group_shared_inputs, load_adapter, \
     param_groups, save_adapter, set_trainable
+from lora_app.lora.functional import new_seed, seed_stream
 from lora_app.model_source import base_model_id
 from lora_app.models import default_device, eos_token_ids, load_config, load_model, load_tokenizer
 from lora_app.paths import write_json
@@ -48,6 +50,7 @@ from lora_app.training.batches import StepPlan
 from lora_app.training.checkpoint import load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig
 from lora_app.training.fused import fuse
+from lora_app.training.lanes import Lanes, assign, lane_count
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
 from lora_app.training.probes import input_texts, probes_for, token_f1
 from lora_app.training.schedule import multiplier
@@ -207,15 +210,18 @@ class Recipe:
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process  # with several processes, one writes the files
         set_seed(config.seed)
+        self.lane_count = lane_count(self.device.type, self.precision, config.gradient_checkpointing, config.cpu_lanes,
+                                     self.accelerator.num_processes)
         self._setup_plan()
         self.estimate = estimate_memory(config, checked.model_config, self.device.type, self.precision,
-                                        tokens=self.plan.largest_micro_batch())
+                                        tokens=self.plan.largest_micro_batch(), lanes=self.lane_count)
         self.cb.log(f"memory estimate: {self.estimate['total_bytes'] / 2**30:.2f} GiB")
-        self.bytes_per_token = self.estimate["activations_bytes"] / max(self.plan.largest_micro_batch(), 1)
+        self.bytes_per_token = self.estimate["activations_bytes"] / max(self.plan.largest_micro_batch() * self.lane_count, 1)
         self.faulted: set[int] = set()  # steps whose injected fault was raised
         self.cb.on_phase("loading model", base_model_id(config.model))
         self._setup_model()
         self._setup_optimizer()
+        self._setup_lanes()
         # The scheduler stays unprepared: accelerate would step it once per process, but our step count
         # is already per process (each process sees its shard of the batches).
         self.loss_model, self.optimizer = self.accelerator.prepare(CausalLMLoss(self.model), self.optimizer)
@@ -297,10 +303,12 @@ class Recipe:
     def _setup_plan(self) -> None:
         c = self.config
         shard = (self.accelerator.process_index, self.accelerator.num_processes)
+        # lanes train their micro-batches at the same time: together they keep to the token budget
         self.plan = StepPlan([len(example["input_ids"]) for example in self.data.train], c.batch_size, c.grad_accum,
                              c.seed, grouped=c.batching == "grouped", shard=shard,
-                             token_budget=token_budget(c, self.device.type),
+                             token_budget=token_budget(c, self.device.type) // self.lane_count,
                              width_multiple=width_multiple(self.device.type, self.precision), limit=c.seq_len)
+        self.plan.micro_size = -(-c.batch_size // self.lane_count)
         if self.plan.batches_per_epoch == 0:
             raise TrainingError("There are fewer training examples than processes; nothing to train on.")
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.plan.steps_per_epoch))
@@ -318,12 +326,30 @@ class Recipe:
             for param in group["params"]:
                 param.grad = torch.zeros_like(param)
         self.delta = DeltaLoraUpdater(self.model, ADAPTER, self.optimizer) if c.variant == "delta-lora" else None
+        self.params = [param for group in self.optimizer.param_groups for param in group["params"]]
         warmup = int(c.warmup) if c.warmup >= 1 else round(c.warmup * self.total_steps)
         self.scheduler = LambdaLR(self.optimizer, functools.partial(multiplier, c.scheduler, warmup=warmup,
                                                                     total=self.total_steps))
 
+    def _setup_lanes(self) -> None:
+        """The lanes' threads, and the gradient buffers of every lane but the first (see ``lanes.py``)."""
+        self.lanes = None
+        if self.lane_count > 1:
+            self.lanes = Lanes(self.lane_count)
+            self.lane_grads = [[torch.zeros_like(param) for param in self.params] for _ in range(self.lane_count - 1)]
+            each = self.lanes.threads_each
+            self.cb.log(f"lanes: {self.lane_count} micro-batches train at a time, on {each} core{'s' if each > 1 else ''} "
+                        "each")
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Outcome:
+        try:
+            return self._run()
+        finally:
+            if self.lanes is not None:
+                self.lanes.close()
+
+    def _run(self) -> Outcome:
         self._start()
         status = "completed"
         self.loss_model.train()
@@ -405,17 +431,53 @@ class Recipe:
         labelled tokens; the labelled tokens)."""
         batches = [self._collate([self.data.train[i] for i in chunk]) for chunk in self.plan.micro_batches(self.step)]
         tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        if self.lanes is not None and len(batches) > 1:
+            return self._lane_gradients(batches, tokens), tokens
         step_loss = 0.0
         for i, batch in enumerate(batches):
             self._make_room(batch["input_ids"].numel(), first=i == 0)
             sync = i == len(batches) - 1  # under DDP, gradients are averaged once per step
-            with (nullcontext() if sync else self.accelerator.no_sync(self.loss_model)), self.accelerator.autocast(), \
-                    attention_kernels(self.device.type):
-                loss_sum, _ = self.loss_model(**_to_device(batch, self.device))
-                loss = loss_sum / max(tokens, 1)
+            with nullcontext() if sync else self.accelerator.no_sync(self.loss_model):
+                loss = self._loss(batch, tokens)
             self.accelerator.backward(loss)
             step_loss += float(loss.detach())
         return step_loss, tokens
+
+    def _loss(self, batch: dict, tokens: int) -> torch.Tensor:
+        """The micro-batch's share of the step's loss (its summed token losses over the step's ``tokens``)."""
+        with self.accelerator.autocast(), attention_kernels(self.device.type):
+            loss_sum, _ = self.loss_model(**_to_device(batch, self.device))
+            return loss_sum / max(tokens, 1)
+
+    def _lane_gradients(self, batches: list[dict], tokens: int) -> float:
+        """``_gradients`` with the micro-batches trained in lanes: each lane adds its gradients into its
+        own buffers (the first lane into the parameters' own), then the buffers are added in lane order.
+        Each micro-batch's dropout masks come from a seed drawn here, in order."""
+        chosen = assign([batch["input_ids"].numel() for batch in batches], self.lanes.count)
+        self._make_room(sum(batches[indices[0]]["input_ids"].numel() for indices in chosen if indices), first=True)
+        seeds = [new_seed() for _ in batches]
+        buffers = [[param.grad for param in self.params], *self.lane_grads]
+        for lane in self.lane_grads:
+            for buffer in lane:
+                buffer.zero_()
+
+        def train(indices: list[int], grads: list[torch.Tensor]) -> float:
+            lane_loss = 0.0
+            for i in indices:
+                with seed_stream(seeds[i]):
+                    loss = self._loss(batches[i], tokens)
+                for grad, new in zip(grads, torch.autograd.grad(loss, self.params, allow_unused=True)):
+                    if new is not None:
+                        grad += new
+                lane_loss += float(loss.detach())
+            return lane_loss
+
+        losses = self.lanes.run([functools.partial(train, indices, grads) if indices else None
+                                 for indices, grads in zip(chosen, buffers)])
+        for lane in self.lane_grads:
+            for param, buffer in zip(self.params, lane):
+                param.grad += buffer
+        return sum(loss for loss in losses if loss is not None)
 
     def _make_room(self, tokens: int, first: bool) -> None:
         """Raise an out-of-memory error before a micro-batch that would not fit: on a CPU, when its

@@ -20,8 +20,8 @@ from lora_app.training.config import TrainConfig, flag, label, optional, value_t
 
 SETTINGS = {f.name: f for f in fields(TrainConfig)}
 # What the page does not edit: the dataset comes from the Data tab and the run folder from the store;
-# the rest are for the command line (remote code, and the CPU token budget whose unset and 0 differ).
-OFF_PAGE = {"data", "val_data", "output", "resume", "trust_remote_code", "max_batch_tokens"}
+# the rest are for the command line (remote code, and the CPU's token budget and lanes, tuned for the machine).
+OFF_PAGE = {"data", "val_data", "output", "resume", "trust_remote_code", "max_batch_tokens", "cpu_lanes"}
 # Settings edited on the page, in the order the callbacks receive them. "targets" is two widgets (module
 # checkboxes + an all-linear switch), hence the extra pseudo-field "all_linear".
 FIELDS = (*(name for name in SETTINGS if name not in OFF_PAGE), "all_linear")
