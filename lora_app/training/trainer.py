@@ -3,10 +3,10 @@
     train(config, callbacks) -> Outcome
         preflight          settings, output folder, model config: a mistake costs seconds, not a model load
         Recipe.__init__    _setup_data, accelerate, _setup_model (load, quantize, attach or resume the
-                           adapter), _setup_plan (batches), _setup_optimizer (AdamW, LoRA+, schedule),
-                           _setup_lanes (a CPU's micro-batches side by side)
-        Recipe.run         _start, then per step _loss_step and _after_step (metrics, eval,
-                           checkpoint, cancel), then _finish (final eval, adapter, summary)
+                           adapter), _setup_plan (batches), _setup_optimizer (AdamW, LoRA+, schedule)
+        Recipe.run         _setup_lanes (a CPU's micro-batches side by side), _start, then per step
+                           _loss_step and _after_step (metrics, eval, checkpoint, cancel), then _finish
+                           (final eval, adapter, summary)
 
 The loop runs on ``accelerate`` (device placement, mixed precision, data parallelism under
 ``accelerate launch`` / ``torchrun``); the optimizer sees only adapter parameters. Compute goes only
@@ -221,7 +221,7 @@ class Recipe:
         self.cb.on_phase("loading model", base_model_id(config.model))
         self._setup_model()
         self._setup_optimizer()
-        self._setup_lanes()
+        self.lanes = None
         # The scheduler stays unprepared: accelerate would step it once per process, but our step count
         # is already per process (each process sees its shard of the batches).
         self.loss_model, self.optimizer = self.accelerator.prepare(CausalLMLoss(self.model), self.optimizer)
@@ -333,7 +333,6 @@ class Recipe:
 
     def _setup_lanes(self) -> None:
         """The lanes' threads, and the gradient buffers of every lane but the first (see ``lanes.py``)."""
-        self.lanes = None
         if self.lane_count > 1:
             self.lanes = Lanes(self.lane_count)
             self.lane_grads = [[torch.zeros_like(param) for param in self.params] for _ in range(self.lane_count - 1)]
@@ -343,6 +342,7 @@ class Recipe:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Outcome:
+        self._setup_lanes()
         try:
             return self._run()
         finally:
