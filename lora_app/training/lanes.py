@@ -43,6 +43,12 @@ def lane_count(device_type: str, precision: Precision, gradient_checkpointing: b
     return min(CPU_LANES, cores()) if precision.name == "fp32" else 1
 
 
+def lane_share(batch_size: int, budget: int, lanes: int) -> tuple[int, int]:
+    """(examples, padded tokens; 0: no cap) a micro-batch may hold when ``lanes`` train at once: together
+    they keep to the step's ``batch_size`` and the token ``budget`` of one micro-batch at a time."""
+    return -(-batch_size // lanes), budget // lanes
+
+
 def cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -69,7 +75,7 @@ class Lanes:
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         ready = threading.Barrier(count + 1)
         main_threads = torch.get_num_threads()
-        self._threads = [threading.Thread(target=self._serve, args=(lane, self.threads_each, ready), daemon=True,
+        self._threads = [threading.Thread(target=self._serve, args=(lane, ready), daemon=True,
                                           name=f"lane-{lane}") for lane in range(count)]
         for thread in self._threads:
             thread.start()
@@ -77,8 +83,8 @@ class Lanes:
         # torch.set_num_threads also sets the count that threads started later begin with
         torch.set_num_threads(main_threads)
 
-    def _serve(self, lane: int, threads: int, ready: threading.Barrier) -> None:
-        torch.set_num_threads(threads)
+    def _serve(self, lane: int, ready: threading.Barrier) -> None:
+        torch.set_num_threads(self.threads_each)
         torch.get_num_threads()  # a thread takes the process's count on its first parallel op: take it now
         ready.wait()
         while (job := self._jobs[lane].get()) is not None:

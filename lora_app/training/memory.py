@@ -27,7 +27,7 @@ from lora_app.errors import TargetError
 from lora_app.hardware import Precision
 from lora_app.lora import LoraConfig, add_adapter, count_parameters
 from lora_app.models import load_config, meta_model
-from lora_app.training.lanes import lane_count
+from lora_app.training.lanes import lane_count, lane_share
 from lora_app.training.loss import chunk_rows, workspace_row_bytes
 
 # 4-bit: NF4 with double quantization keeps ~0.53 bytes a weight, and training adds the per-block
@@ -92,8 +92,8 @@ def estimate_memory(config, model_config, device: str, precision: Precision, tok
     act_bytes = 4 if precision.name == "fp32" else 2
     lanes = lanes or lane_count(device, precision, config.gradient_checkpointing, config.cpu_lanes)
     if tokens is None:  # as the trainer cuts micro-batches (see Recipe._setup_plan and batches.StepPlan)
-        tokens = -(-config.batch_size // lanes) * config.seq_len
-        budget = token_budget(config, device) // lanes
+        rows, budget = lane_share(config.batch_size, token_budget(config, device), lanes)
+        tokens = rows * config.seq_len
         if budget:
             tokens = min(tokens, max(budget, config.seq_len))
     # What autograd keeps per token and layer, counted with saved-tensor hooks on Llama shapes (fused

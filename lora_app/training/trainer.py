@@ -50,7 +50,7 @@ from lora_app.training.batches import StepPlan
 from lora_app.training.checkpoint import load_checkpoint, save_checkpoint
 from lora_app.training.config import TrainConfig
 from lora_app.training.fused import fuse
-from lora_app.training.lanes import Lanes, assign, lane_count
+from lora_app.training.lanes import Lanes, assign, lane_count, lane_share
 from lora_app.training.loss import IGNORE_INDEX, linear_cross_entropy
 from lora_app.training.probes import input_texts, probes_for, token_f1
 from lora_app.training.schedule import multiplier
@@ -303,12 +303,11 @@ class Recipe:
     def _setup_plan(self) -> None:
         c = self.config
         shard = (self.accelerator.process_index, self.accelerator.num_processes)
-        # lanes train their micro-batches at the same time: together they keep to the token budget
+        micro_size, budget = lane_share(c.batch_size, token_budget(c, self.device.type), self.lane_count)
         self.plan = StepPlan([len(example["input_ids"]) for example in self.data.train], c.batch_size, c.grad_accum,
-                             c.seed, grouped=c.batching == "grouped", shard=shard,
-                             token_budget=token_budget(c, self.device.type) // self.lane_count,
+                             c.seed, grouped=c.batching == "grouped", shard=shard, token_budget=budget,
                              width_multiple=width_multiple(self.device.type, self.precision), limit=c.seq_len)
-        self.plan.micro_size = -(-c.batch_size // self.lane_count)
+        self.plan.micro_size = micro_size
         if self.plan.batches_per_epoch == 0:
             raise TrainingError("There are fewer training examples than processes; nothing to train on.")
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.plan.steps_per_epoch))
